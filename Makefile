@@ -1,0 +1,38 @@
+# The whole set-up on a fresh machine with Python 3.11+: `make demo`, `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; override (e.g. TORCH=torch) for a CUDA machine.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test test-all bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,peers]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/neurolattice lattice bench --sizes 10 15 --reference-cells 16
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(VENV)/.installed-dev
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed-dev
+	$(VENV)/bin/neurolattice lattice bench
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) results .pytest_cache
