@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .geometry import LatticeGeometry, pad_lattice, shifted
+from .geometry import shifted
 
 
 class LocalExpert(nn.Module):
@@ -63,15 +63,17 @@ class FunctionalExpert(nn.Module):
         self.upd1 = nn.Linear(2 * state_size, hidden)
         self.upd2 = nn.Linear(hidden, state_size)
 
-    def forward(self, x: torch.Tensor, geometry: LatticeGeometry,
-                valid_pad: torch.Tensor | None, has_functional: torch.Tensor,
+    def forward(self, x: torch.Tensor, xp: torch.Tensor, offsets: tuple, pad: tuple[int, int, int],
+                score_bias: torch.Tensor | None, has_functional: torch.Tensor,
                 chunk_elems: int) -> torch.Tensor:
+        """``x [B, X, Y, Z, S]``; ``xp`` the same states padded by ``pad`` (zeros or wrapped),
+        ``score_bias`` the matching padded mask (see :class:`FunctionalAggregate`)."""
         S = x.shape[-1]
         w1 = self.msg1.weight                                   # (H, 2S)
-        p_pad = pad_lattice(x @ w1[:, :S].t(), geometry.pads[1], geometry.boundary)  # (B, X', Y', Z', H)
+        p_pad = xp @ w1[:, :S].t()                              # (B, X', Y', Z', H), padded as xp
         q = F.linear(x, w1[:, S:], self.msg1.bias)              # (B, X, Y, Z, H)
         v = self.msg2.weight.t() @ self.attn.weight[0, :S]      # (H,)
-        hagg = FunctionalAggregate.apply(p_pad, q, v, valid_pad, geometry, chunk_elems)
+        hagg = FunctionalAggregate.apply(p_pad, q, v, score_bias, offsets, pad, chunk_elems)
         agg = self.msg2(hagg)                                   # (B, X, Y, Z, S)
         out = self.upd2(F.gelu(self.upd1(torch.cat([x, agg], dim=-1))))
         return out * has_functional.unsqueeze(-1)
@@ -151,88 +153,98 @@ def _gelu_grad(u: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _chunks(geometry: LatticeGeometry, batch: int, hidden: int, chunk_elems: int):
-    """Yield ``(x0, x1, offsets)``: x-slabs of the lattice and groups of functional offsets
-    sized so one chunk's ``[g, B, x1 - x0, Y, Z, H]`` tensors hold about ``chunk_elems``."""
-    X, Y, Z = geometry.dims
-    offsets = geometry.offsets[1]
-    if not offsets:
-        return
-    per_plane = batch * Y * Z * hidden
-    ratio = max(1, chunk_elems // per_plane)
-    group = min(len(offsets), ratio)
-    slab = min(X, max(1, ratio // group))
-    for x0 in range(0, X, slab):
-        for k in range(0, len(offsets), group):
-            yield x0, min(X, x0 + slab), offsets[k: k + group]
-
-
-def _chunk_inputs(p_pad, q, v, valid_pad, geometry, x0, x1, group):
-    """Recompute one chunk: pre-activations ``u`` ``[g, B, sx, Y, Z, H]``, ``h = gelu(u)`` and
-    masked scores ``s`` ``[g, B, sx, Y, Z]``."""
-    pad, dims = geometry.pads[1], geometry.dims
-    u = torch.stack([shifted(p_pad, pad, o, dims)[:, x0:x1] for o in group]) + q[:, x0:x1]
-    h = F.gelu(u)
-    s = h @ v
-    if valid_pad is not None:
-        valid = torch.stack([shifted(valid_pad, pad, o, dims)[:, x0:x1, ..., 0] for o in group])
-        s = s.masked_fill(~valid, float("-inf"))
-    return u, h, s
+def _slabs(dims: tuple[int, int, int], width: int, chunk_elems: int):
+    """Yield ``(x0, x1)``: slabs of whole x-planes holding about ``chunk_elems`` elements of
+    ``[B, x1 - x0, Y, Z, H]`` (``width = B * Y * Z * H`` per plane; at least one plane)."""
+    slab = min(dims[0], max(1, chunk_elems // width))
+    for x0 in range(0, dims[0], slab):
+        yield x0, min(dims[0], x0 + slab)
 
 
 class FunctionalAggregate(torch.autograd.Function):
     """``hagg_i = sum_j softmax_j(v . h_ij) h_ij`` with ``h_ij = gelu(P_{i+o_j} + Q_i)``, streamed.
 
-    Inputs: ``p_pad [B, X', Y', Z', H]`` (P padded for the functional tier), ``q [B, X, Y, Z, H]``,
-    ``v [H]``, ``valid_pad [1, X', Y', Z', 1]`` bool (open boundary) or None. Output
-    ``[B, X, Y, Z, H]``, zero where the functional tier is empty. The forward keeps a running
-    max, denominator and weighted sum per cell (online softmax); the backward recomputes each
-    chunk from ``P, Q, v`` and the saved max and denominator, so memory stays
-    ``O(N * H + chunk)`` in both directions.
+    Inputs: ``p_pad [B, X', Y', Z', H]`` (P padded by ``pad``), ``q [B, X, Y, Z, H]``, ``v [H]``,
+    ``score_bias [1, X', Y', Z', 1]`` (0 inside, ``-inf`` in the padding of an open lattice) or
+    None (periodic), the functional ``offsets`` and ``pad``. Output ``[B, X, Y, Z, H]``, zero
+    where the functional tier is empty.
+
+    The forward walks the lattice in slabs of x-planes and, within a slab, the offsets one at
+    a time, keeping a running max, denominator and weighted sum per cell (online softmax) in
+    preallocated buffers. The backward recomputes each offset's ``h`` from ``P, Q, v`` and the
+    saved max and denominator. Memory is ``O(N * H)`` plus one slab's buffers in both
+    directions, whatever the number of offsets.
     """
 
     @staticmethod
-    def forward(ctx, p_pad, q, v, valid_pad, geometry, chunk_elems):
-        B, H = q.shape[0], q.shape[-1]
+    def forward(ctx, p_pad, q, v, score_bias, offsets, pad, chunk_elems):
+        B, H, dims = q.shape[0], q.shape[-1], tuple(q.shape[1:4])
         run_max = q.new_full(q.shape[:-1], torch.finfo(q.dtype).min)
         den = q.new_zeros(q.shape[:-1])
         acc = torch.zeros_like(q)
-        for x0, x1, group in _chunks(geometry, B, H, chunk_elems):
-            _, h, s = _chunk_inputs(p_pad, q, v, valid_pad, geometry, x0, x1, group)
-            m_old = run_max[:, x0:x1]
-            m_new = torch.maximum(m_old, s.amax(dim=0))
-            alpha = torch.exp(m_old - m_new)
-            p = torch.exp(s - m_new)                                   # (g, B, sx, Y, Z)
-            den[:, x0:x1] = den[:, x0:x1] * alpha + p.sum(dim=0)
-            acc[:, x0:x1] = acc[:, x0:x1] * alpha.unsqueeze(-1) + torch.einsum("g...,g...h->...h", p, h)
-            run_max[:, x0:x1] = m_new
+        views = [shifted(p_pad, pad, o, dims) for o in offsets]
+        biases = [None if score_bias is None else shifted(score_bias, pad, o, dims) for o in offsets]
+        for x0, x1 in _slabs(dims, B * dims[1] * dims[2] * H, chunk_elems):
+            q_s = q[:, x0:x1]
+            m_s = run_max[:, x0:x1].reshape(B, -1)              # (B, M) views into the outputs
+            den_s = den[:, x0:x1].reshape(B, -1)
+            acc_s = acc[:, x0:x1].reshape(B, -1, H)
+            h = torch.empty_like(q_s)                            # (B, sx, Y, Z, H)
+            h_flat = h.view(B, -1, H)
+            s = q_s.new_empty(h_flat.shape[:-1])                 # (B, M)
+            for view, bias in zip(views, biases):
+                torch.add(view[:, x0:x1], q_s, out=h)
+                torch.ops.aten.gelu_(h)
+                torch.matmul(h_flat, v, out=s)
+                if bias is not None:
+                    s.add_(bias[:, x0:x1].reshape(1, -1))
+                m_new = torch.maximum(m_s, s)
+                alpha = torch.exp(m_s - m_new)
+                p = torch.exp(s.sub_(m_new))
+                den_s.mul_(alpha).add_(p)
+                acc_s.mul_(alpha.unsqueeze(-1)).addcmul_(p.unsqueeze(-1), h_flat)
+                m_s.copy_(m_new)
         nonempty = den > 0
-        hagg = torch.where(nonempty.unsqueeze(-1), acc / torch.where(nonempty, den, 1.0).unsqueeze(-1), 0.0)
-        ctx.save_for_backward(p_pad, q, v, valid_pad, run_max, den, hagg)
-        ctx.geometry, ctx.chunk_elems = geometry, chunk_elems
+        hagg = acc.div_(torch.where(nonempty, den, 1.0).unsqueeze(-1))
+        ctx.save_for_backward(p_pad, q, v, score_bias, run_max, den, hagg)
+        ctx.offsets, ctx.pad, ctx.chunk_elems = offsets, pad, chunk_elems
         return hagg
 
     @staticmethod
     def backward(ctx, grad_hagg):
-        p_pad, q, v, valid_pad, run_max, den, hagg = ctx.saved_tensors
-        geometry = ctx.geometry
-        B, H = q.shape[0], q.shape[-1]
+        r"""With ``G = dL/dhagg`` and ``w_j = softmax_j(s_j)``:
+        ``dL/ds_j = w_j (G . h_j - G . hagg)``, ``dL/dh_j = w_j G + dL/ds_j v``,
+        ``dL/du_j = dL/dh_j gelu'(u_j)``, which flows to ``Q_i`` and to ``P_{i+o_j}``;
+        ``dL/dv = sum_j dL/ds_j h_j``."""
+        p_pad, q, v, score_bias, run_max, den, hagg = ctx.saved_tensors
+        offsets, pad = ctx.offsets, ctx.pad
+        B, H, dims = q.shape[0], q.shape[-1], tuple(q.shape[1:4])
         nonempty = den > 0
         grad = grad_hagg * nonempty.unsqueeze(-1)
-        den_safe = torch.where(nonempty, den, 1.0)
-        centre = (grad * hagg).sum(dim=-1)                              # G . hagg, (B, X, Y, Z)
+        inv_den = 1.0 / torch.where(nonempty, den, 1.0)
+        centre = (grad * hagg).sum(dim=-1)                      # G . hagg, (B, X, Y, Z)
         d_p_pad = torch.zeros_like(p_pad)
         d_q = torch.zeros_like(q)
         d_v = torch.zeros_like(v)
-        pad, dims = geometry.pads[1], geometry.dims
-        for x0, x1, group in _chunks(geometry, B, H, ctx.chunk_elems):
-            u, h, s = _chunk_inputs(p_pad, q, v, valid_pad, geometry, x0, x1, group)
-            g_slab = grad[:, x0:x1]
-            w = torch.exp(s - run_max[:, x0:x1]) / den_safe[:, x0:x1]  # (g, B, sx, Y, Z)
-            d_s = w * ((h * g_slab).sum(dim=-1) - centre[:, x0:x1])
-            d_u = (w.unsqueeze(-1) * g_slab + d_s.unsqueeze(-1) * v) * _gelu_grad(u)
-            d_q[:, x0:x1].add_(d_u.sum(dim=0))
-            for k, o in enumerate(group):
-                shifted(d_p_pad, pad, o, dims)[:, x0:x1].add_(d_u[k])
-            d_v += d_s.reshape(-1) @ h.reshape(-1, H)
-        return d_p_pad, d_q, d_v, None, None, None
+        for x0, x1 in _slabs(dims, B * dims[1] * dims[2] * H, ctx.chunk_elems):
+            q_s, d_q_s = q[:, x0:x1], d_q[:, x0:x1]
+            g_s = grad[:, x0:x1].reshape(B, -1, H)
+            m_s = run_max[:, x0:x1].reshape(B, -1)
+            inv_den_s = inv_den[:, x0:x1].reshape(B, -1)
+            centre_s = centre[:, x0:x1].reshape(B, -1)
+            u = torch.empty_like(q_s)
+            u_flat = u.view(B, -1, H)
+            for o in offsets:
+                torch.add(shifted(p_pad, pad, o, dims)[:, x0:x1], q_s, out=u)
+                h = F.gelu(u_flat)                               # (B, M, H)
+                s = h @ v                                        # (B, M)
+                if score_bias is not None:
+                    s.add_(shifted(score_bias, pad, o, dims)[:, x0:x1].reshape(1, -1))
+                w = torch.exp(s.sub_(m_s)).mul_(inv_den_s)
+                d_s = ((h * g_s).sum(dim=-1) - centre_s).mul_(w)
+                d_u = torch.addcmul(g_s * w.unsqueeze(-1), d_s.unsqueeze(-1), v).mul_(_gelu_grad(u_flat))
+                d_u = d_u.view_as(u)
+                d_q_s.add_(d_u)
+                shifted(d_p_pad, pad, o, dims)[:, x0:x1].add_(d_u)
+                d_v.add_(torch.einsum("bm,bmh->h", d_s, h))
+        return d_p_pad, d_q, d_v, None, None, None, None

@@ -21,7 +21,6 @@ import functools
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -142,13 +141,16 @@ def shifted(xp: torch.Tensor, pad: tuple[int, int, int], offset: Offset,
     return xp[:, px + dx: px + dx + X, py + dy: py + dy + Y, pz + dz: pz + dz + Z]
 
 
-def tier_sums(xp: torch.Tensor, geometry: LatticeGeometry, tiers: tuple[int, ...]) -> list[torch.Tensor]:
-    """Sum over each tier's neighbours, ``[B, X, Y, Z, C]`` each, from the padded ``xp``.
+def tier_sums(xp: torch.Tensor, geometry: LatticeGeometry, tiers: tuple[int, ...],
+              dims: tuple[int, int, int] | None = None) -> list[torch.Tensor]:
+    """Sum over each tier's neighbours, ``[B, X, Y, Z, C]`` each, from ``xp`` padded by
+    ``geometry.pad``. ``dims`` (default ``geometry.dims``) is the block of cells ``xp`` pads.
 
     Streams over z-runs: ``window`` holds sums of ``n`` consecutive z-cells of ``xp``, grown
     one cell at a time, and every run of length ``n`` adds one shifted view of it. Memory:
     two padded tensors and the outputs, whatever the number of offsets.
     """
+    dims = dims or geometry.dims
     out = [None] * len(tiers)
     lengths = sorted({n for t in tiers for n in geometry.runs[t]})
     window, n_have = xp, 1
@@ -158,7 +160,7 @@ def tier_sums(xp: torch.Tensor, geometry: LatticeGeometry, tiers: tuple[int, ...
             n_have += 1
         for k, t in enumerate(tiers):
             for run in geometry.runs[t].get(n, ()):
-                view = shifted(window, geometry.pad, run, geometry.dims)
+                view = shifted(window, geometry.pad, run, dims)
                 out[k] = view if out[k] is None else out[k] + view
-    shape = (*xp.shape[:1], *geometry.dims, xp.shape[-1])
+    shape = (*xp.shape[:1], *dims, xp.shape[-1])
     return [o if o is not None else xp.new_zeros(shape) for o in out]

@@ -11,8 +11,9 @@ from torch import nn
 
 from .config import LatticeConfig
 from .experts import DistantExpert, FunctionalExpert, Gate, LocalExpert
-from .geometry import lattice_geometry, pad_lattice, tier_sums
+from .geometry import lattice_geometry, pad_lattice, shifted, tier_sums
 
+DEFAULT_BLOCK_ELEMS = 1 << 21
 DEFAULT_CHUNK_ELEMS = 1 << 18
 
 
@@ -27,17 +28,24 @@ class LatticeMoE(nn.Module):
     an empty tier's expert gets gate weight 0, a cell with no neighbour keeps ``x_i`` (then
     the norm).
 
+    The step is local (a cell sees cells within ``r_distant``), so it runs block by block:
+    slabs of x-planes with their halo, each a view of the states padded once. Working sets
+    stay cache-sized and time per cell stays flat from 30^3 to 100^3.
+
     Args:
         config: the lattice (dims, boundary, radii, sizes).
-        chunk_elems: working-set size, in elements, of one chunk of the functional tier's
-            streamed softmax; trades Python overhead against cache use, never the result.
+        block_elems: about how many elements of ``[B, x-planes, Y, Z, S]`` one block holds.
+        chunk_elems: the same for one slab of the functional tier's streamed softmax.
+            Both trade Python overhead against cache use, never the result.
 
     Shapes: ``states: [B, X, Y, Z, S] -> [B, X, Y, Z, S]``.
     """
 
-    def __init__(self, config: LatticeConfig, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> None:
+    def __init__(self, config: LatticeConfig, block_elems: int = DEFAULT_BLOCK_ELEMS,
+                 chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> None:
         super().__init__()
         self.config = config
+        self.block_elems = block_elems
         self.chunk_elems = chunk_elems
         S = config.state_size
         self.local = LocalExpert(S, config.hidden_local)
@@ -49,33 +57,46 @@ class LatticeMoE(nn.Module):
             config.dims, config.boundary, (config.r_local, config.r_functional, config.r_distant)
         )
         # Neighbour counts per tier and, for an open boundary, where functional offsets are
-        # valid: pure functions of the geometry, computed once, moved with the module.
-        ones = torch.ones(1, *config.dims, 1, dtype=torch.float64)
+        # valid: pure functions of the geometry, computed once, moved (and cast) with the module.
+        ones = torch.ones(1, *config.dims, 1)
         counts = tier_sums(pad_lattice(ones, self.geometry.pad, config.boundary), self.geometry, (0, 1, 2))
         self.register_buffer("counts", torch.cat(counts, dim=-1)[0], persistent=False)   # (X, Y, Z, 3)
-        valid = None
-        if config.boundary == "open":
-            valid = pad_lattice(ones.bool(), self.geometry.pads[1], "open")                 # (1, X', Y', Z', 1)
-        self.register_buffer("functional_valid", valid, persistent=False)
+        bias = None
+        if config.boundary == "open":   # additive score mask: 0 inside, -inf in the padding
+            inside = pad_lattice(ones, self.geometry.pad, "open") > 0         # (1, X', Y', Z', 1)
+            bias = torch.zeros(inside.shape).masked_fill(~inside, float("-inf"))
+        self.register_buffer("functional_bias", bias, persistent=False)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         self.check_states(states)
+        B, X, Y, Z, S = states.shape
+        xp = pad_lattice(states, self.geometry.pad, self.config.boundary)         # (B, X', Y', Z', S)
+        slab = min(X, max(1, self.block_elems // (B * Y * Z * S), 2 * self.geometry.pad[0]))
+        blocks = [self._block(xp, x0, min(X, x0 + slab)) for x0 in range(0, X, slab)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+    def _block(self, xp: torch.Tensor, x0: int, x1: int) -> torch.Tensor:
+        """New states of the cells ``x0 <= x < x1``, from the padded snapshot ``xp``."""
         geometry = self.geometry
-        counts = self.counts.to(states.dtype)
-        has_tier = counts > 0                                                   # (X, Y, Z, 3)
-        xp = pad_lattice(states, geometry.pad, geometry.boundary)               # (B, X', Y', Z', S)
-        sum_local, sum_functional, sum_distant = tier_sums(xp, geometry, (0, 1, 2))
+        pad, px = geometry.pad, geometry.pad[0]
+        dims = (x1 - x0, *geometry.dims[1:])
+        xb = xp[:, x0: x1 + 2 * px]                                             # block and its halo
+        x = shifted(xb, pad, (0, 0, 0), dims)                                   # (B, sx, Y, Z, S)
+        counts = self.counts[x0:x1]                                             # (sx, Y, Z, 3)
+        has_tier = counts > 0
+        sum_local, sum_functional, sum_distant = tier_sums(xb, geometry, (0, 1, 2), dims)
         mean_local = sum_local / counts[..., 0:1].clamp_min(1)
         mean_distant = sum_distant / counts[..., 2:3].clamp_min(1)
         mean_all = (sum_local + sum_functional + sum_distant) / counts.sum(-1, keepdim=True).clamp_min(1)
 
-        o_local = self.local(states, mean_local)
-        o_functional = self.functional(states, geometry, self.functional_valid, has_tier[..., 1],
+        bias = None if self.functional_bias is None else self.functional_bias[:, x0: x1 + 2 * px]
+        o_local = self.local(x, mean_local)
+        o_functional = self.functional(x, xb, geometry.offsets[1], pad, bias, has_tier[..., 1],
                                        self.chunk_elems)
-        o_distant = self.distant(states, mean_distant) * has_tier[..., 2:3]
-        g = self.gate(states, mean_all, has_tier)                               # (B, X, Y, Z, 3)
+        o_distant = self.distant(x, mean_distant) * has_tier[..., 2:3]
+        g = self.gate(x, mean_all, has_tier)                                    # (B, sx, Y, Z, 3)
         mixed = g[..., 0:1] * o_local + g[..., 1:2] * o_functional + g[..., 2:3] * o_distant
-        return self.norm(states + mixed)
+        return self.norm(x + mixed)
 
     def check_states(self, states: torch.Tensor) -> None:
         """Raise a one-line ``ValueError`` unless ``states`` is a finite ``[B, X, Y, Z, S]`` float tensor."""
@@ -87,7 +108,9 @@ class LatticeMoE(nn.Module):
         if states.dim() != 5 or tuple(states.shape[1:4]) != (X, Y, Z):
             raise ValueError(f"states must be {expected}, got {list(states.shape)}")
         if states.shape[-1] != S:
-            raise ValueError(f"states must have state size S = {S}, got {states.shape[-1]} ({list(states.shape)})")
+            raise ValueError(
+                f"states must have state size S = {S}, got {states.shape[-1]} ({list(states.shape)})"
+            )
         if not states.is_floating_point():
             raise ValueError(f"states must be a floating-point tensor, got dtype {states.dtype}")
         param = self.norm.weight
