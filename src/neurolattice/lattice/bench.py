@@ -1,0 +1,259 @@
+"""``neurolattice lattice bench``: the time and memory of one lattice step, per method and size.
+
+Methods, each on an ``n x n x n`` lattice with the default tiers (:class:`LatticeConfig`
+defaults, S = 32), random states ``[B, n, n, n, S]``, forward only under ``torch.no_grad``:
+
+- ``reference``: :func:`~neurolattice.lattice.reference.reference_step` on a sample of cells
+  spread evenly over the lattice (boundary and interior alike), scaled to all cells:
+  ``ms_per_step = t_check + (t_sample - t_check) * N / n_sample`` where ``t_check`` is the
+  per-call validation of the states (done once per step, not per cell). ``scaled: true``
+  unless the sample is the whole lattice. Its ``peak_mem_bytes`` is that of the sample run.
+- ``pyg``: the PyTorch Geometric peer, :class:`~neurolattice.lattice.peer_pyg.PyGLatticeStep`
+  (``skipped: torch_geometric not installed`` without it).
+- ``fast``: :class:`~neurolattice.lattice.LatticeMoE`, the stencil fast path.
+
+Every ``(method, size)`` runs in a fresh process (:func:`neurolattice.bench.harness.run_isolated`):
+model and inputs are built there, one warm-up step, then up to ``repeats`` timed steps, fewer
+once :data:`TIME_BUDGET_S` is spent (at least one); ``ms_per_step`` is the median.
+``cell_steps_per_s = B * N * 1000 / ms_per_step``. A method whose estimated memory
+(:func:`estimate_bytes`) exceeds what is available is reported ``skipped: needs ~X GB, have
+Y GB`` and not run.
+
+JSON (``--json``): a list of rows with exactly the keys of :data:`ROW_KEYS`; the machine
+header goes beside it (:func:`neurolattice.bench.report.machine_path`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from neurolattice.bench.harness import available_memory_bytes, machine_info, run_isolated, time_ms
+from neurolattice.bench.report import Column, Table, format_bytes, format_machine, machine_path, write_results
+
+from .config import LatticeConfig
+from .geometry import lattice_geometry
+from .reference import reference_step
+from .step import LatticeMoE
+
+HELP = "time one lattice step: per-cell reference vs PyG peer vs fast path"
+METHODS = ("reference", "pyg", "fast")
+DEFAULT_SIZES = (10, 15, 30, 50, 100)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ROW_KEYS = ("method", "size", "ms_per_step", "cell_steps_per_s", "peak_mem_bytes", "scaled", "status")
+TIME_BUDGET_S = 10.0
+DEFAULT_JSON = "results/lattice_bench.json"
+
+TABLE = Table([
+    Column("method", "method", 9, align="<"),
+    Column("size", "size", 4),
+    Column("ms_per_step", "ms/step", 13, lambda v: f"{v:,.1f}"),
+    Column("cell_steps_per_s", "cell-steps/s", 12, lambda v: f"{v:,.0f}"),
+    Column("peak_mem_bytes", "peak mem", 9, format_bytes),
+    Column("scaled", "scaled", 6, lambda v: "yes" if v else "no"),
+    Column("status", "status", 6, align="<"),
+])
+
+
+def bench_config(size: int) -> LatticeConfig:
+    """The benchmarked lattice: ``size`` cells per side, every other setting the default."""
+    return LatticeConfig(dims=(size, size, size))
+
+
+def sample_cells(dims: tuple[int, int, int], count: int) -> list[tuple[int, int, int]]:
+    """``count`` cells with evenly spaced linear indices (all cells if ``count >= N``), so the
+    sample holds boundary and interior cells in about the lattice's proportions."""
+    X, Y, Z = dims
+    n = X * Y * Z
+    if count >= n:
+        indices = range(n)
+    else:
+        indices = sorted({round(k * (n - 1) / max(count - 1, 1)) for k in range(count)})
+    return [(i // (Y * Z), i // Z % Y, i % Z) for i in indices]
+
+
+def tier_edge_counts(config: LatticeConfig) -> tuple[int, int, int]:
+    """Neighbour pairs (graph edges) per tier, counted from the offsets without building them:
+    ``N`` per offset when periodic, ``prod(n - |d|)`` over the axes when open."""
+    geometry = lattice_geometry(config.dims, config.boundary,
+                                (config.r_local, config.r_functional, config.r_distant))
+    if config.boundary == "periodic":
+        return tuple(config.num_cells * len(t) for t in geometry.offsets)
+    return tuple(sum(math.prod(max(n - abs(d), 0) for n, d in zip(config.dims, o)) for o in t)
+                 for t in geometry.offsets)
+
+
+# Peak memory of a run per unit of work, fitted to runs on CPU (float32 and float64, B = 1 and
+# 2, sizes 10-40) and rounded up: the PyG peer per byte of one gathered message tensor
+# [E, B, S] (measured 1.3-1.5, fixed costs aside) plus per edge (int64 edge index and tiers,
+# built once: measured ~45); the fast path per byte of the states (measured 23-46 from 30^3
+# on); the reference, which holds the states and one cell's work, twice the states.
+PYG_PEAK_PER_MESSAGE_BYTE = 1.5
+PYG_PEAK_PER_EDGE = 48
+FAST_PEAK_PER_STATE_BYTE = 50
+REFERENCE_PEAK_PER_STATE_BYTE = 2
+
+
+def estimate_bytes(method: str, size: int, batch: int, dtype: str) -> int:
+    """Estimated peak memory of one ``(method, size)`` run, from its edge or cell count and
+    the constants above."""
+    config = bench_config(size)
+    element_bytes = batch * config.state_size * DTYPES[dtype].itemsize      # one cell's [B, S]
+    if method == "reference":
+        return REFERENCE_PEAK_PER_STATE_BYTE * config.num_cells * element_bytes
+    if method == "fast":
+        return FAST_PEAK_PER_STATE_BYTE * config.num_cells * element_bytes
+    edges = sum(tier_edge_counts(config))
+    return int(edges * (PYG_PEAK_PER_MESSAGE_BYTE * element_bytes + PYG_PEAK_PER_EDGE))
+
+
+def measure(method: str, size: int, batch: int, dtype: str, device: str, repeats: int,
+            reference_cells: int) -> dict[str, Any]:
+    """Build ``method``'s step and states on ``size^3`` cells and time one step (runs inside
+    :func:`run_isolated`). Returns ``{"ms_per_step": float, "scaled": bool}``."""
+    torch.manual_seed(0)
+    config = bench_config(size)
+    model = LatticeMoE(config).to(device=device, dtype=DTYPES[dtype]).eval()
+    states = torch.randn(batch, *config.dims, config.state_size, device=device, dtype=DTYPES[dtype])
+
+    def timed(fn: Callable[[], Any]) -> float:
+        return time_ms(fn, device=device, repeats=repeats, budget_s=TIME_BUDGET_S)
+
+    with torch.no_grad():
+        if method == "reference":
+            cells = sample_cells(config.dims, reference_cells)
+            ms_check = timed(lambda: model.check_states(states))
+            ms_sample = timed(lambda: reference_step(model, states, cells))
+            ms = ms_check + max(ms_sample - ms_check, 0.0) * config.num_cells / len(cells)
+            return {"ms_per_step": ms, "scaled": len(cells) < config.num_cells}
+        if method == "pyg":
+            from .peer_pyg import PyGLatticeStep
+
+            step = PyGLatticeStep(model)
+            return {"ms_per_step": timed(lambda: step(states)), "scaled": False}
+        return {"ms_per_step": timed(lambda: model(states)), "scaled": False}
+
+
+def _row(method: str, size: int, **values: Any) -> dict[str, Any]:
+    row = {"method": method, "size": size, "ms_per_step": None, "cell_steps_per_s": None,
+           "peak_mem_bytes": None, "scaled": False, **values}
+    return {key: row[key] for key in ROW_KEYS}
+
+
+def bench_row(method: str, size: int, *, batch: int, dtype: str, device: str, repeats: int,
+              reference_cells: int, threads: int | None = None) -> dict[str, Any]:
+    """Measure one ``(method, size)`` in a fresh process, or say why it was skipped."""
+    if method == "pyg" and importlib.util.find_spec("torch_geometric") is None:
+        return _row(method, size, status="skipped: torch_geometric not installed")
+    need, have = estimate_bytes(method, size, batch, dtype), available_memory_bytes(device)
+    if have is not None and need > have:
+        return _row(method, size, status=f"skipped: needs ~{need / 1e9:.1f} GB, have {have / 1e9:.1f} GB")
+    kwargs = dict(method=method, size=size, batch=batch, dtype=dtype, device=device,
+                  repeats=repeats, reference_cells=reference_cells)
+    try:
+        result = run_isolated(f"{__name__}:measure", kwargs, device=device, threads=threads,
+                              imports=["torch_geometric"] if method == "pyg" else [])
+    except RuntimeError as err:
+        return _row(method, size, status=f"skipped: {err}")
+    ms = result["ms_per_step"]
+    return _row(method, size, ms_per_step=ms, cell_steps_per_s=batch * size**3 * 1000.0 / ms,
+                peak_mem_bytes=result["peak_mem_bytes"], scaled=result["scaled"], status="ok")
+
+
+def check_options(sizes: Sequence[int], methods: Sequence[str], batch: int, dtype: str, device: str,
+                  repeats: int, reference_cells: int, threads: int | None = None) -> None:
+    """Raise a one-line ``ValueError`` on the first bad option."""
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--sizes must be positive integers, got {list(sizes)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ValueError(f"--methods must be among {list(METHODS)}, got {list(methods)}")
+    for name, value in (("--batch", batch), ("--repeats", repeats), ("--reference-cells", reference_cells),
+                        ("--threads", threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device must be a torch device such as cpu or cuda, got {device!r}") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but torch.cuda.is_available() is False")
+
+
+def run_bench(sizes: Sequence[int] = DEFAULT_SIZES, methods: Sequence[str] = METHODS, *,
+              batch: int = 1, dtype: str = "float32", device: str = "cpu", repeats: int = 5,
+              reference_cells: int = 32, threads: int | None = None,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every ``(size, method)``, sizes outer, calling ``on_row(row)`` as each completes.
+    ``threads``: torch threads of the measuring processes (torch's default if None).
+    Returns the rows (keys :data:`ROW_KEYS`)."""
+    check_options(sizes, methods, batch, dtype, device, repeats, reference_cells, threads)
+    rows = []
+    tasks = [(size, method) for size in sizes for method in methods]
+    with tqdm(tasks, desc="lattice bench", unit="run", disable=None, leave=False) as bar:
+        for size, method in bar:
+            bar.set_postfix_str(f"{method} {size}^3")
+            rows.append(bench_row(method, size, batch=batch, dtype=dtype, device=device,
+                                  repeats=repeats, reference_cells=reference_cells, threads=threads))
+            if on_row is not None:
+                on_row(rows[-1])
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+                        help="lattice sides n (n^3 cells), default %(default)s")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="methods to time, default all")
+    parser.add_argument("--json", default=DEFAULT_JSON,
+                        help="rows written here as a JSON list (default %(default)s); the machine "
+                             "header goes beside it as <name>.machine.json")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--batch", type=int, default=1, help="batch size B (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help=f"at most this many timed steps after one warm-up, fewer once "
+                             f"{TIME_BUDGET_S:.0f} s are spent (default %(default)s)")
+    parser.add_argument("--reference-cells", type=int, default=32,
+                        help="cells the reference computes, its time scaled to the lattice "
+                             "(default %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="default %(default)s")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (torch.set_num_threads) of the measuring processes; "
+                             "default: torch's own default")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Raise a one-line ``ValueError`` if the parsed options are unusable."""
+    check_options(args.sizes, args.methods, args.batch, args.dtype, args.device, args.repeats,
+                  args.reference_cells, args.threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the machine header and the table row by row; write the JSON after every row."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)    # so that the machine header reports it
+    machine = machine_info(args.device)
+    print(format_machine(machine), end="\n\n")
+    print(TABLE.header())
+    rows: list[dict[str, Any]] = []
+
+    def on_row(row: dict[str, Any]) -> None:
+        rows.append(row)
+        tqdm.write(TABLE.row(row))
+        write_results(args.json, rows, machine)
+
+    run_bench(args.sizes, args.methods, batch=args.batch, dtype=args.dtype, device=args.device,
+              repeats=args.repeats, reference_cells=args.reference_cells, threads=args.threads,
+              on_row=on_row)
+    print(f"\nwrote {args.json} and {machine_path(args.json)}")
+    return 0
