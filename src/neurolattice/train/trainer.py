@@ -1,0 +1,415 @@
+"""The shared trainer: exact micro-batch accumulation, AdamW with warmup + cosine, clipping,
+resumable data order, periodic evaluation, JSONL metrics and atomic checkpoints.
+
+Every gradient-trained system (the lattice model, the LM, BEM adapters) plugs in through a
+:class:`Task`; the loop below is the only training loop in the library.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from neurolattice.config import config_from_dict, config_to_dict
+from neurolattice.io import atomic_write_text
+
+from . import distributed
+from .checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
+
+PRECISIONS = ("fp32", "bf16")
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """How to train: the optimizer step, its schedule, and the cadence of logs, evals and saves."""
+
+    steps: int = field(default=1000, metadata={"help": "optimizer steps of the run (sets the schedule)"})
+    batch_size: int = field(
+        default=64, metadata={"help": "samples per optimizer step, over all micro-batches and ranks"}
+    )
+    micro_batch_size: int | None = field(
+        default=None, metadata={"help": "samples per forward/backward (default: a rank's whole share)"}
+    )
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of matrices (dim >= 2)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW (beta1, beta2)"})
+    warmup_steps: int = field(default=100, metadata={"help": "steps of linear warmup from lr/warmup to lr"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr of the cosine, as a fraction of lr"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0: no clipping)"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order and of the RNGs (plus rank)"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps and at the end (0: end)"})
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "save every N steps and when training stops (0: when it stops)"}
+    )
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk"})
+    log_every: int = field(default=10, metadata={"help": "log loss, lr and throughput every N steps"})
+    grad_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward (passed to the task's loss)"}
+    )
+    precision: str = field(default="fp32", metadata={"help": "'fp32', or 'bf16' autocast of the forward"})
+
+    def __post_init__(self) -> None:
+        for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0),
+                          ("eval_every", 0), ("checkpoint_every", 0), ("keep_checkpoints", 1),
+                          ("log_every", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        mbs = self.micro_batch_size
+        if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
+            raise ValueError(f"micro_batch_size must be a positive integer or None, got {mbs!r}")
+        if mbs is not None and self.batch_size % mbs:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {mbs}")
+        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr == 0:
+            raise ValueError("lr must be > 0, got 0")
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not isinstance(self.grad_checkpointing, bool):
+            raise ValueError(f"grad_checkpointing must be true or false, got {self.grad_checkpointing!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return config_from_dict(cls, data)
+
+
+# Fields that only set the cadence of side effects: a resumed run may change them freely.
+RESUME_MAY_CHANGE = ("eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "grad_checkpointing")
+
+
+class Task(abc.ABC):
+    """What a system supplies to the trainer.
+
+    ``train_data`` is anything with ``len()`` whose ``[indices]`` (a LongTensor) returns a batch,
+    e.g. a ``torch.utils.data.TensorDataset``; batches are tuples, lists, dicts or tensors, on the
+    CPU, moved to the model's device by the trainer. A *target* is one term of the loss: a sample
+    in classification, a non-ignored token in language modelling::
+
+        class Digits(Task):          # batch = (x [B, F], y [B])
+            def count_targets(self, batch): return len(batch[1])
+            def loss_sum(self, model, batch, grad_checkpointing=False):
+                return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+
+        class LM(Task):              # batch = (tokens [B, T], labels [B, T], -100 = ignored)
+            def count_targets(self, batch): return (batch[1] != -100).sum()
+            def loss_sum(self, model, batch, grad_checkpointing=False):
+                logits = model(batch[0])
+                return F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(), reduction="sum")
+    """
+
+    train_data: Any
+
+    @abc.abstractmethod
+    def count_targets(self, batch: Any) -> int | torch.Tensor:
+        """Number of targets in ``batch`` (cheap: from its labels, no model)."""
+
+    @abc.abstractmethod
+    def loss_sum(self, model: nn.Module, batch: Any, grad_checkpointing: bool = False) -> torch.Tensor:
+        """SUM (not mean) of the per-target losses of ``batch``: a scalar with a graph."""
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Held-out metrics; the model is in eval mode, under ``torch.no_grad()``. Called on
+        every rank (a task may shard the work and all-reduce); rank 0 logs the result."""
+        return {}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class EpochSampler:
+    """An endless, resumable stream of sample indices.
+
+    Epoch ``e`` is a permutation of ``range(n)`` from a ``torch.Generator`` seeded by
+    ``(seed, e)`` (mixed by numpy's ``SeedSequence``), so the whole stream follows from the
+    seed and the position is just ``(epoch, offset)``. A draw that crosses the end of an epoch
+    continues into the next.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n < 1:
+            raise ValueError("the training data is empty")
+        self.n, self.seed, self.epoch, self.offset = n, seed, 0, 0
+        self._perm = (-1, torch.empty(0, dtype=torch.long))
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm[0] != epoch:
+            mixed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+            self._perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(mixed)))
+        return self._perm[1]
+
+    def take(self, k: int) -> torch.Tensor:
+        parts = []
+        while k > 0:
+            part = self.permutation(self.epoch)[self.offset:self.offset + k]
+            parts.append(part)
+            k -= len(part)
+            self.offset += len(part)
+            if self.offset == self.n:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return torch.cat(parts)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` for optimizer step ``step`` (0-based): ``(step+1)/warmup`` during
+    warmup, then a cosine from 1 down to ``min_lr_ratio`` at ``cfg.steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps), 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    """Trains ``model`` on ``task`` as ``cfg`` says; checkpoints and metrics go to ``out_dir``.
+
+    One optimizer step draws ``batch_size`` samples, gives rank ``r`` of ``W`` the ``r``-th of
+    ``W`` equal slices, and splits each slice into micro-batches ``b_1..b_M``. With ``l(b)`` the
+    summed per-target loss of ``b`` (:meth:`Task.loss_sum`) and ``N`` the number of targets of
+    the whole step over all ranks, the step minimises
+
+    .. math::
+        L = \\frac{1}{N} \\sum_{r=1}^{W} \\sum_{m=1}^{M} l(b_{r,m}),
+
+    the mean loss per target, whatever the split: each micro-batch backpropagates
+    ``W * l(b) / N`` (DDP averages the ``W`` ranks' gradients, hence the ``W``), so one batch of
+    ``4n`` and four micro-batches of ``n`` give the same gradient, even when padding leaves the
+    micro-batches with different numbers of targets. ``N`` is counted from the labels before any
+    forward pass (:meth:`Task.count_targets`, all-reduced over ranks); a step without targets
+    counts ``N = 1`` and has zero gradient.
+
+    Args:
+        model: the module to train, on its device; wrapped in DDP when there are several ranks.
+            Seed its initialisation yourself (:func:`seed_everything`); the trainer re-seeds the
+            global RNGs with ``cfg.seed + rank`` for the randomness of training (dropout...).
+        task: the data, the loss and the evaluation.
+        cfg: the :class:`TrainConfig`.
+        out_dir: where checkpoints and ``metrics.jsonl`` go (rank 0 writes); None: nowhere.
+        model_config: the system's config dict (model and task), saved in ``config.json`` under
+            ``"model"`` and checked when resuming.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        cfg: TrainConfig,
+        out_dir: str | os.PathLike | None = None,
+        model_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.model, self.task, self.cfg = model, task, cfg
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.model_config = dict(model_config or {})
+        self.device = next(model.parameters()).device
+        world = distributed.world_size()
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size {cfg.batch_size} does not split over {world} ranks")
+        self.rank_batch = cfg.batch_size // world
+        self.micro_batch = cfg.micro_batch_size or self.rank_batch
+        if self.rank_batch % self.micro_batch:
+            raise ValueError(f"a rank's share of the batch ({cfg.batch_size} / {world} ranks = "
+                             f"{self.rank_batch}) is not a multiple of micro_batch_size {self.micro_batch}")
+        seed_everything(cfg.seed + distributed.rank())
+        self.ddp_model = distributed.wrap(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.sampler = EpochSampler(len(task.train_data), cfg.seed)
+        self.step = 0
+        self._saved_step = -1
+
+    def config(self) -> dict[str, Any]:
+        return {"model": self.model_config, "train": self.cfg.to_dict()}
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step (see the class docstring). Gradients stay in ``.grad`` until the
+        next step. Returns ``loss_sum`` (this rank's), ``targets`` (``N``, all ranks) and
+        ``grad_norm`` (before clipping), as tensors: no host sync, no extra collective."""
+        cfg, world = self.cfg, distributed.world_size()
+        idx = self.sampler.take(cfg.batch_size)
+        idx = idx[distributed.rank() * self.rank_batch:][:self.rank_batch]
+        batches = [self.task.train_data[i] for i in idx.split(self.micro_batch)]
+        local = sum(torch.as_tensor(self.task.count_targets(b)) for b in batches)
+        # The step's global target count N: the one place where the ranks' counts meet.
+        targets = distributed.all_reduce_sum(local.to(self.device, torch.long))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for m, batch in enumerate(batches):
+            last = m == len(batches) - 1  # DDP all-reduces the gradients in this backward only
+            with contextlib.nullcontext() if last else distributed.no_sync(self.ddp_model):
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    l = self.task.loss_sum(self.ddp_model, _to_device(batch, self.device),
+                                           grad_checkpointing=cfg.grad_checkpointing)
+                (l * world / targets.clamp(min=1)).backward()
+            loss_sum += l.detach().float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {"loss_sum": loss_sum, "targets": targets, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        try:
+            return self.task.evaluate(self.model)
+        finally:
+            self.model.train()
+
+    def fit(self, until: int | None = None, progress: bool = True) -> dict[str, float]:
+        """Train up to step ``until`` (default: ``cfg.steps``), logging, evaluating and saving on
+        the way, and save when stopping. The logged ``loss`` is the mean per target since the
+        previous log. Returns the last logged record."""
+        cfg = self.cfg
+        end = cfg.steps if until is None else min(until, cfg.steps)
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (progress and distributed.is_main()))
+        loss_sum = torch.zeros((), device=self.device)
+        targets = torch.zeros((), dtype=torch.long, device=self.device)
+        clock, since, last = time.perf_counter(), 0, {}
+        while self.step < end:
+            lr = self.optimizer.param_groups[0]["lr"]
+            out = self.train_step()
+            loss_sum += out["loss_sum"]
+            targets += out["targets"]
+            since += 1
+            bar.update()
+            step, record = self.step, {"step": self.step}
+            if step % cfg.log_every == 0 or step == end:
+                seconds = time.perf_counter() - clock
+                n = targets.item()
+                record |= {"loss": distributed.all_reduce_sum(loss_sum).item() / max(n, 1), "lr": lr,
+                           "grad_norm": out["grad_norm"].item(),
+                           "samples_per_s": since * cfg.batch_size / seconds, "targets_per_s": n / seconds}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
+                                samples_s=f"{record['samples_per_s']:.1f}",
+                                targets_s=f"{record['targets_per_s']:.1f}")
+                loss_sum.zero_()
+                targets.zero_()
+                clock, since = time.perf_counter(), 0
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                record |= {f"eval_{k}": v for k, v in self.evaluate().items()}
+            if len(record) > 1:
+                self._log(record)
+                last = record
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
+                self.save()
+        bar.close()
+        return last
+
+    def _log(self, record: dict[str, float]) -> None:
+        if self.out_dir is not None and distributed.is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "data": self.sampler.state_dict(),
+                "rng": distributed.all_gather_object(_rng_state())}  # every rank's, in rank order
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step into ``out_dir``: every rank calls it, rank 0 writes."""
+        if self.out_dir is None or self._saved_step == self.step:
+            return None
+        state = self.state_dict()
+        path = None
+        if distributed.is_main():
+            path = save_checkpoint(self.out_dir, self.step, self.model, self.config(), state,
+                                   keep=self.cfg.keep_checkpoints)
+        distributed.barrier()
+        self._saved_step = self.step
+        return path
+
+    def resume(self, path: str | os.PathLike | None = None) -> int:
+        """Continue from the checkpoint at ``path`` (default: ``out_dir``'s latest): weights,
+        optimizer, schedule, data position and RNG states, so the run goes on exactly as if it
+        had never stopped. The saved configs must match this run's, except the fields in
+        :data:`RESUME_MAY_CHANGE`. Each rank takes back its own RNG state; a rank the checkpoint
+        has none for (a resume on more ranks) keeps the fresh ``seed + rank``. Returns the step."""
+        path = self.out_dir if path is None else path
+        if path is None:
+            raise ValueError("resume needs a checkpoint path or an out_dir")
+        state = read_trainer_state(path)  # read everything before changing anything
+        load_checkpoint(path, self.model, self.config(), ignore={f"train.{k}" for k in RESUME_MAY_CHANGE})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["data"])
+        if distributed.rank() < len(state["rng"]):
+            _set_rng_state(state["rng"][distributed.rank()])
+        self.step = self._saved_step = state["step"]
+        metrics = None if self.out_dir is None else self.out_dir / METRICS
+        if metrics is not None and metrics.exists() and distributed.is_main():
+            # drop what the stopped run logged after this checkpoint (and a line cut by a crash)
+            kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= self.step]
+            atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+        return self.step
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
