@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from types import ModuleType
+from typing import Any
 
 from neurolattice import __version__
 from neurolattice.lattice import bench as lattice_bench
+from neurolattice.lattice import commands as lattice_commands
 
-# system -> (help, {command: module})
-SYSTEMS: dict[str, tuple[str, dict[str, ModuleType]]] = {
-    "lattice": ("the 3D lattice MoE network", {"bench": lattice_bench}),
+# system -> (help, {command: module or class with HELP, add_arguments, check, run})
+SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lattice": ("the 3D lattice MoE network", {
+        "train": lattice_commands.Train, "eval": lattice_commands.Eval,
+        "show": lattice_commands.Show, "bench": lattice_bench,
+    }),
 }
 
 

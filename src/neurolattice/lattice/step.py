@@ -67,16 +67,19 @@ class LatticeMoE(nn.Module):
             bias = torch.zeros(inside.shape).masked_fill(~inside, float("-inf"))
         self.register_buffer("functional_bias", bias, persistent=False)
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, return_gates: bool = False):
+        """New states ``[B, X, Y, Z, S]``; with ``return_gates``, also the gate weights
+        ``[B, X, Y, Z, 3]`` (local, functional, distant)."""
         self.check_states(states)
         B, X, Y, Z, S = states.shape
         xp = pad_lattice(states, self.geometry.pad, self.config.boundary)         # (B, X', Y', Z', S)
         slab = min(X, max(1, self.block_elems // (B * Y * Z * S), 2 * self.geometry.pad[0]))
         blocks = [self._block(xp, x0, min(X, x0 + slab)) for x0 in range(0, X, slab)]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        new_states, gates = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in zip(*blocks))
+        return (new_states, gates) if return_gates else new_states
 
-    def _block(self, xp: torch.Tensor, x0: int, x1: int) -> torch.Tensor:
-        """New states of the cells ``x0 <= x < x1``, from the padded snapshot ``xp``."""
+    def _block(self, xp: torch.Tensor, x0: int, x1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """New states and gate weights of the cells ``x0 <= x < x1``, from the padded ``xp``."""
         geometry = self.geometry
         pad, px = geometry.pad, geometry.pad[0]
         dims = (x1 - x0, *geometry.dims[1:])
@@ -96,7 +99,7 @@ class LatticeMoE(nn.Module):
         o_distant = self.distant(x, mean_distant) * has_tier[..., 2:3]
         g = self.gate(x, mean_all, has_tier)                                    # (B, sx, Y, Z, 3)
         mixed = g[..., 0:1] * o_local + g[..., 1:2] * o_functional + g[..., 2:3] * o_distant
-        return self.norm(x + mixed)
+        return self.norm(x + mixed), g
 
     def check_states(self, states: torch.Tensor) -> None:
         """Raise a one-line ``ValueError`` unless ``states`` is a finite ``[B, X, Y, Z, S]`` float tensor."""

@@ -1,0 +1,117 @@
+"""``neurolattice lattice train | eval | show``: the command-line side of :mod:`.experiment`.
+
+Each command has the shape :mod:`neurolattice.cli` expects: ``HELP``, ``add_arguments``,
+``check`` (one-line ``ValueError``) and ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from neurolattice.io import atomic_write_json
+from neurolattice.train import TrainConfig, resolve_checkpoint
+
+from . import experiment
+from .config import LatticeConfig
+from .model import LatticeModelConfig
+
+
+def config_help() -> str:
+    """The keys a TOML file or ``SECTION.KEY=VALUE`` may set, generated from the dataclasses."""
+    classes = {"model": LatticeModelConfig, "lattice": LatticeConfig, "train": TrainConfig}
+    lines = ["config keys (TOML tables [model], [lattice], [train], or SECTION.KEY=VALUE):"]
+    for section, cls in classes.items():
+        for f in dataclasses.fields(cls):
+            if section == "model" and f.name in ("lattice", *experiment.SET_BY_DATA):
+                continue
+            default = experiment.DEFAULTS[section].get(f.name, f.default)
+            lines.append(f"  {section}.{f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", metavar="PATH", help="also write the held-out figures here as JSON")
+
+
+def _report(exp, result: dict, json_path: str | None) -> None:
+    print(experiment.format_summary(exp.data, result, exp.model.steps))
+    if json_path:
+        atomic_write_json(json_path, result)
+        print(f"figures: {json_path}")
+
+
+class Train:
+    HELP = "train a lattice model (digits by default) and its T = 0 baseline"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = config_help()
+        source = parser.add_mutually_exclusive_group()
+        source.add_argument("--task", choices=["digits"], help="built-in dataset (default: digits)")
+        source.add_argument("--data", metavar="FILE.npz", help="a .npz file with arrays x and y")
+        parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [model], [lattice], [train]")
+        parser.add_argument("--out", default="runs/lattice", help="run directory (default: %(default)s)")
+        parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+        _json_arg(parser)
+        parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+
+    @staticmethod
+    def check(args: argparse.Namespace) -> None:
+        args.experiment = experiment.build_experiment(args.data, args.config, args.overrides)
+        if not args.resume and (Path(args.out) / "latest").exists():
+            raise ValueError(f"{args.out} already holds a run: pass --resume, or choose another --out")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        exp = args.experiment
+        result = experiment.train(exp, args.out, resume=args.resume)
+        _report(exp, result, args.json)
+        print(f"checkpoint: {resolve_checkpoint(args.out)}   (T = 0 baseline: {Path(args.out) / 'T0'})")
+        print(f"plots: neurolattice lattice show {args.out}")
+        return 0
+
+
+class Eval:
+    HELP = "held-out figures of a trained lattice run, beside its T = 0 baseline and scikit-learn's"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("ckpt", metavar="CKPT", help="run directory or one of its step directories")
+        _json_arg(parser)
+
+    @staticmethod
+    def check(args: argparse.Namespace) -> None:
+        args.loaded = experiment.load_run(args.ckpt)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        exp, model, baseline = args.loaded
+        _report(exp, experiment.summarize(exp.data, model, baseline), args.json)
+        return 0
+
+
+class Show:
+    HELP = "PNG plots of a trained lattice run: curves, gate usage, state norms, metric vs T"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("ckpt", metavar="CKPT", help="run directory or one of its step directories")
+        parser.add_argument("--out", help="folder for the PNGs (default: CKPT's run directory /plots)")
+
+    @staticmethod
+    def check(args: argparse.Namespace) -> None:
+        args.loaded = experiment.load_run(args.ckpt)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .plots import show
+
+        exp, model, baseline = args.loaded
+        run_dir = resolve_checkpoint(args.ckpt).parent
+        out = Path(args.out) if args.out else run_dir / "plots"
+        for path in show(exp, model, baseline, run_dir, out):
+            print(f"wrote {path}")
+        return 0

@@ -1,0 +1,156 @@
+"""Train and evaluate a LatticeModel on a dataset: configs, the run, its summary.
+
+A run directory (``--out``) holds the model's checkpoints (see :mod:`neurolattice.train`), the
+``T = 0`` baseline's in ``T0/``, and ``metrics.jsonl``. Its ``config.json`` records the model
+config and where the data came from, so ``eval`` and ``show`` rebuild everything from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neurolattice.config import load_toml, merge_sections, parse_overrides
+from neurolattice.train import (
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    read_config,
+    resolve_checkpoint,
+    seed_everything,
+)
+
+from .config import LatticeConfig
+from .model import LatticeModel, LatticeModelConfig
+from .tasks import Dataset, LatticeTask, baselines, load_digits, load_npz, predict, score
+
+SECTIONS = ("model", "lattice", "train")
+# The default experiment (digits). Every value can be overridden by a TOML file with these
+# tables or by SECTION.KEY=VALUE on the command line.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"steps": 4, "redrive": True},
+    "lattice": {"dims": [8, 8, 2], "state_size": 16, "hidden_local": 16, "hidden_functional": 16,
+                "hidden_distant": 16, "hidden_gate": 16, "r_local": 1.75, "r_functional": 2.0,
+                "r_distant": 2.5},
+    "train": {"steps": 300, "batch_size": 32, "lr": 3e-3, "warmup_steps": 15, "weight_decay": 0.01,
+              "eval_every": 50, "checkpoint_every": 100, "log_every": 10},
+}
+SET_BY_DATA = ("input_shape", "num_outputs", "task")
+
+
+@dataclass
+class Experiment:
+    data: Dataset
+    data_spec: dict[str, str]        # {"task": "digits"} or {"path": "/abs/file.npz"}
+    model: LatticeModelConfig
+    train: TrainConfig
+
+
+def load_data(spec: dict[str, str]) -> Dataset:
+    return load_digits() if spec.get("task") == "digits" else load_npz(spec["path"])
+
+
+def build_experiment(data_path: str | None = None, config_file: str | None = None,
+                     overrides: list[str] = ()) -> Experiment:
+    """Data (digits, or ``data_path``) and configs: :data:`DEFAULTS`, then the TOML file, then
+    the ``SECTION.KEY=VALUE`` overrides. Unknown keys are one-line ``ValueError``s."""
+    spec = {"task": "digits"} if data_path is None else {"path": str(Path(data_path).resolve())}
+    data = load_data(spec)
+    user = merge_sections(SECTIONS, load_toml(config_file) if config_file else {},
+                          parse_overrides(list(overrides), SECTIONS))
+    layers = merge_sections(SECTIONS, DEFAULTS, user)
+    fixed = sorted(set(SET_BY_DATA) & set(layers["model"]))
+    if fixed:
+        raise ValueError(f"model keys {fixed} are set by the data, not by the config")
+    lattice = dict(layers["lattice"])
+    if len(data.input_shape) == 3 and "dims" not in user["lattice"]:
+        lattice["dims"] = [*data.input_shape[:2], lattice["dims"][2]]
+    model = LatticeModelConfig.from_dict({
+        **layers["model"], "lattice": LatticeConfig.from_dict(lattice),
+        "input_shape": data.input_shape, "num_outputs": data.num_outputs, "task": data.task,
+    })
+    return Experiment(data, spec, model, TrainConfig.from_dict(layers["train"]))
+
+
+def _run_config(exp: Experiment, model: LatticeModelConfig) -> dict[str, Any]:
+    return {"model": model.to_dict(), "data": exp.data_spec}
+
+
+def train(exp: Experiment, out: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train the model and its ``T = 0`` baseline into ``out``; return :func:`summarize`'s result."""
+    out = Path(out)
+    models = []
+    for model_cfg, run_dir in ((exp.model, out), (dataclasses.replace(exp.model, steps=0), out / "T0")):
+        seed_everything(exp.train.seed)
+        model = LatticeModel(model_cfg)
+        trainer = Trainer(model, LatticeTask(exp.data), exp.train, out_dir=run_dir,
+                          model_config=_run_config(exp, model_cfg))
+        if resume and (run_dir / "latest").exists():
+            trainer.resume()
+        trainer.fit(progress=progress)
+        models.append(model.eval())
+    return summarize(exp.data, *models)
+
+
+def load_run(path: str | Path) -> tuple[Experiment, LatticeModel, LatticeModel | None]:
+    """The experiment, the trained model and (if present) the ``T = 0`` baseline of a run
+    directory or one of its step directories."""
+    ckpt = resolve_checkpoint(path)
+    run_dir = ckpt.parent if (ckpt.parent / "latest").exists() else Path(path)
+    saved = read_config(ckpt)
+    try:
+        model_cfg = LatticeModelConfig.from_dict(saved["model"]["model"])
+        spec = saved["model"]["data"]
+        train_cfg = TrainConfig.from_dict(saved["train"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{ckpt} is not a lattice model checkpoint (config.json lacks {err})") from None
+    exp = Experiment(load_data(spec), spec, model_cfg, train_cfg)
+    model = LatticeModel(model_cfg)
+    load_checkpoint(ckpt, model)
+    baseline = None
+    if (run_dir / "T0" / "latest").exists():
+        baseline = LatticeModel(dataclasses.replace(model_cfg, steps=0))
+        load_checkpoint(run_dir / "T0", baseline)
+    return exp, model.eval(), baseline if baseline is None else baseline.eval()
+
+
+def primary_metric(task: str) -> str:
+    return "accuracy" if task == "classification" else "r2"
+
+
+def summarize(data: Dataset, model: LatticeModel, baseline: LatticeModel | None) -> dict[str, Any]:
+    """Held-out figures: the model's (``accuracy`` and ``ci95``, or ``mse`` and ``r2``), the
+    ``T = 0`` baseline's primary metric (``accuracy_T0`` / ``r2_T0``) and scikit-learn's."""
+    result: dict[str, Any] = score(predict(model, data.x_test), data.y_test, data.task)
+    key = primary_metric(data.task)
+    result[f"{key}_T0"] = None if baseline is None else score(
+        predict(baseline, data.x_test), data.y_test, data.task)[key]
+    result["baselines"] = baselines(data)
+    result["test_samples"] = len(data.y_test)
+    return result
+
+
+def format_summary(data: Dataset, result: dict[str, Any], steps: int) -> str:
+    key = primary_metric(data.task)
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else (f"{100 * v:.1f}%" if key == "accuracy" else f"{v:.4f}")
+
+    head = f"held-out {key} on {data.name} ({result['test_samples']} samples), T = {steps}: {pct(result[key])}"
+    if "ci95" in result:
+        lo, hi = result["ci95"]
+        head += f"  (95% CI {pct(lo)} - {pct(hi)})"
+    lines = [head, f"  T = 0 (encoder + head only): {pct(result[f'{key}_T0'])}"]
+    lines += [f"  {name.replace('_', ' ')} (scikit-learn): {pct(v)}" for name, v in result["baselines"].items()]
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def accuracy_by_steps(data: Dataset, model: LatticeModel, steps: list[int]) -> list[float]:
+    """The trained model's held-out primary metric when run for each number of steps."""
+    key = primary_metric(data.task)
+    return [score(predict(model, data.x_test, steps=t), data.y_test, data.task)[key] for t in steps]

@@ -1,0 +1,193 @@
+"""LatticeModel, its data, its training through the shared trainer, and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from neurolattice.cli import main
+from neurolattice.lattice import LatticeConfig
+from neurolattice.lattice.model import LatticeModel, LatticeModelConfig
+from neurolattice.lattice.tasks import LatticeTask, load_digits, load_npz, wilson_interval
+from neurolattice.train import TrainConfig, Trainer, load_checkpoint, save_checkpoint, seed_everything
+
+TINY = LatticeConfig(dims=(4, 3, 2), state_size=4, hidden_local=3, hidden_functional=3, hidden_distant=3,
+                     hidden_gate=3, r_local=1.0, r_functional=1.5, r_distant=2.0)
+
+
+def tiny_model(input_shape=(4, 3, 2), steps=2, seed=0, **kwargs) -> LatticeModel:
+    torch.manual_seed(seed)
+    return LatticeModel(LatticeModelConfig(lattice=TINY, input_shape=input_shape, num_outputs=3,
+                                           steps=steps, **kwargs)).double()
+
+
+def test_image_and_vector_inputs():
+    x = torch.randn(5, 4, 3, 2, dtype=torch.float64)
+    assert tiny_model()(x).shape == (5, 3)
+    assert tiny_model(input_shape=(7,))(torch.randn(5, 7, dtype=torch.float64)).shape == (5, 3)
+
+
+def test_steps_zero_is_encoder_and_head():
+    model = tiny_model()
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64)
+    expected = model.head(model.encode(x).flatten(1))
+    assert torch.equal(model(x, steps=0), expected)
+
+
+def test_redrive_changes_the_dynamics():
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64)
+    a, b = tiny_model(redrive=True), tiny_model(redrive=False)
+    assert torch.equal(a(x, steps=1), b(x, steps=1))        # identical until the second step
+    assert not torch.allclose(a(x), b(x))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model()
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model(x, grad_checkpointing=ckpt).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-12
+
+
+def test_bad_inputs():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"\[B, 4, 3, 2\]"):
+        model(torch.zeros(2, 4, 3, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(torch.full((1, 4, 3, 2), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="lattice dims"):
+        LatticeModelConfig(lattice=TINY, input_shape=(8, 8, 1))
+
+
+def test_digits_split_is_stratified_75_25():
+    data = load_digits()
+    assert len(data.y_train) == 1347 and len(data.y_test) == 450
+    assert data.x_train.shape[1:] == (8, 8, 1) and float(data.x_train.max()) == 1.0
+    share = torch.bincount(data.y_test, minlength=10) / torch.bincount(data.y_train, minlength=10)
+    assert ((share - 1 / 3).abs() < 0.03).all()
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(441, 450)
+    assert lo < 441 / 450 < hi and 0.95 < lo and hi < 0.995
+
+
+def _npz(tmp_path, name="d.npz", **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_kinds(tmp_path):
+    rng = np.random.default_rng(0)
+    images = load_npz(_npz(tmp_path, x=rng.random((40, 5, 6)), y=np.arange(40) % 4))
+    assert images.input_shape == (5, 6, 1) and images.task == "classification" and images.num_outputs == 4
+    vectors = load_npz(_npz(tmp_path, x=rng.random((40, 7)), y=rng.random((40, 2))))
+    assert vectors.input_shape == (7,) and vectors.task == "regression" and vectors.num_outputs == 2
+
+
+@pytest.mark.parametrize("arrays, words", [
+    (dict(x=np.zeros((10, 3))), "no array(s) ['y']"),
+    (dict(x=np.zeros((10, 3)), y=np.zeros(9, dtype=int)), "n = 10 rows"),
+    (dict(x=np.zeros((10,)), y=np.zeros(10, dtype=int)), "x must be"),
+    (dict(x=np.full((10, 3), np.nan), y=np.arange(10) % 2), "NaN or inf"),
+    (dict(x=np.zeros((10, 3)), y=np.arange(10) - 1), "labels must be >= 0"),
+    (dict(x=np.zeros((10, 3)), y=np.zeros(10, dtype=int)), "K >= 2"),
+])
+def test_npz_errors(tmp_path, arrays, words):
+    with pytest.raises(ValueError) as excinfo:
+        load_npz(_npz(tmp_path, **arrays))
+    assert words in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_npz_missing_and_corrupt(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_npz(tmp_path / "nope.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_npz(bad)
+
+
+def _task(n=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 3, 2, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=gen)
+
+    class Data:
+        task, x_train, y_train, x_test, y_test = "classification", x, y, x[:8], y[:8]
+
+    return LatticeTask(Data())
+
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_one_batch_equals_accumulated_micro_batches():
+    results = []
+    for micro in (16, 4):
+        model = tiny_model()
+        trainer = Trainer(model, _task(), TrainConfig(steps=1, batch_size=16, micro_batch_size=micro,
+                                                      warmup_steps=0))
+        trainer.train_step()
+        results.append(_params(model))
+    assert (results[0] - results[1]).abs().max() <= 1e-6
+    assert (results[0] - _params(tiny_model())).abs().max() > 1e-4     # the step did move the weights
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=8, micro_batch_size=4, warmup_steps=2, log_every=1)
+    straight = tiny_model()
+    Trainer(straight, _task(), cfg).fit(progress=False)
+    first = tiny_model()
+    Trainer(first, _task(), cfg, out_dir=tmp_path).fit(until=3, progress=False)
+    resumed = tiny_model(seed=123)                        # different init: everything must come back
+    trainer = Trainer(resumed, _task(), cfg, out_dir=tmp_path)
+    assert trainer.resume() == 3
+    trainer.fit(progress=False)
+    assert (_params(straight) - _params(resumed)).abs().max() <= 1e-6
+
+
+def test_checkpoint_for_another_config_names_the_tensor(tmp_path):
+    save_checkpoint(tmp_path, 1, tiny_model(), {"model": {}})
+    other = LatticeModel(LatticeModelConfig(
+        lattice=LatticeConfig(dims=(4, 3, 2), state_size=5), input_shape=(4, 3, 2), num_outputs=3))
+    with pytest.raises(ValueError, match=r"tensor '[\w.]+' has shape \[.*\] in checkpoint .* but \[") as excinfo:
+        load_checkpoint(tmp_path, other)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_cli_train_eval_show(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    y = np.arange(48) % 3
+    x = rng.normal(size=(48, 4, 3)) + y[:, None, None]
+    data = _npz(tmp_path, x=x, y=y)
+    out = tmp_path / "run"
+    args = ["lattice", "train", "--data", str(data), "--out", str(out), "--json", str(tmp_path / "t.json"),
+            "lattice.dims=[4, 3, 2]", "lattice.state_size=4", "model.steps=2", "train.steps=4",
+            "train.batch_size=8", "train.eval_every=2", "train.warmup_steps=1"]
+    seed_everything(0)
+    assert main(args) == 0
+    trained = json.loads((tmp_path / "t.json").read_text())
+    assert set(trained) >= {"accuracy", "ci95", "accuracy_T0", "baselines"}
+    assert set(trained["baselines"]) == {"logistic_regression", "mlp"}
+    assert main(["lattice", "eval", str(out), "--json", str(tmp_path / "e.json")]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["accuracy"] == trained["accuracy"] and evaluated["accuracy_T0"] == trained["accuracy_T0"]
+    assert main(["lattice", "show", str(out)]) == 0
+    for name in ("training_curves", "gate_usage", "state_norms", "metric_by_steps"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000
+    assert "95% CI" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_keys(tmp_path, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["lattice", "train", "--out", str(tmp_path / "r"), "lattice.r_lcoal=2"])
+    assert excinfo.value.code == 2
+    assert "r_lcoal" in capsys.readouterr().err
