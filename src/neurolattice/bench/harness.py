@@ -1,7 +1,8 @@
 """Benchmark harness shared by every system: machine header, timing, isolated peak memory.
 
 - :func:`machine_info`: what the numbers were measured on (CPU model, cores, torch threads,
-  torch version, device incl. the CUDA GPU's name, load average).
+  torch version, device incl. the CUDA GPU's name, thread settings, load average). Measuring
+  processes inherit the environment, so e.g. ``OMP_WAIT_POLICY=PASSIVE`` applies to them.
 - :func:`time_ms`: median wall time of a call after warm-up, synchronising CUDA.
 - :func:`run_isolated`: calls ``"module:function"`` in a fresh Python process and adds its
   peak memory to the result. On CPU, ``peak_mem_bytes`` is the process's peak resident set
@@ -51,9 +52,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """The machine header of a benchmark: CPU, cores, torch threads and version, the device,
-    and the load average when it starts (other work on the machine skews the timings)."""
+    the thread-related environment variables that are set (:data:`THREAD_ENV`), and the load
+    average when it starts (other work on the machine skews the timings)."""
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
     load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
@@ -65,6 +70,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": f"{dev} ({name})",
+        "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
         "load_average_1_5_15_min": load,
     }
 

@@ -89,15 +89,17 @@ def tier_edge_counts(config: LatticeConfig) -> tuple[int, int, int]:
                  for t in geometry.offsets)
 
 
-# Peak memory of a run per unit of work, fitted to runs on CPU (float32 and float64, B = 1 and
-# 2, sizes 10-40) and rounded up: the PyG peer per byte of one gathered message tensor
-# [E, B, S] (measured 1.3-1.5, fixed costs aside) plus per edge (int64 edge index and tiers,
-# built once: measured ~45); the fast path per byte of the states (measured 23-46 from 30^3
-# on); the reference, which holds the states and one cell's work, twice the states.
+# Peak memory of a run, fitted to runs on CPU (float32 and float64, B = 1 and 2, sizes 10-100)
+# and rounded up. PyG peer: per byte of one gathered message tensor [E, B, S] (measured
+# 1.3-1.5) plus per edge (int64 edge index and tiers: ~45); at 50^3 this says 10.5 GB for a
+# measured 8.5 GB. Fast path: a working set bounded by its blocking (measured up to ~0.4 GB)
+# plus a few copies of the states (3.6 per state byte from 50^3 to 100^3). Reference: the
+# states and the states check's temporaries (4.7 per state byte at 100^3).
 PYG_PEAK_PER_MESSAGE_BYTE = 1.5
 PYG_PEAK_PER_EDGE = 48
-FAST_PEAK_PER_STATE_BYTE = 50
-REFERENCE_PEAK_PER_STATE_BYTE = 2
+FAST_PEAK_FIXED = 500_000_000
+FAST_PEAK_PER_STATE_BYTE = 8
+REFERENCE_PEAK_PER_STATE_BYTE = 5
 
 
 def estimate_bytes(method: str, size: int, batch: int, dtype: str) -> int:
@@ -108,7 +110,7 @@ def estimate_bytes(method: str, size: int, batch: int, dtype: str) -> int:
     if method == "reference":
         return REFERENCE_PEAK_PER_STATE_BYTE * config.num_cells * element_bytes
     if method == "fast":
-        return FAST_PEAK_PER_STATE_BYTE * config.num_cells * element_bytes
+        return FAST_PEAK_FIXED + FAST_PEAK_PER_STATE_BYTE * config.num_cells * element_bytes
     edges = sum(tier_edge_counts(config))
     return int(edges * (PYG_PEAK_PER_MESSAGE_BYTE * element_bytes + PYG_PEAK_PER_EDGE))
 
