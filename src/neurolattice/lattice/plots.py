@@ -70,9 +70,10 @@ def state_norms(trace: dict, out: Path) -> Path:
     pts = ax.scatter(*grid.reshape(-1, 3).T.numpy(), c=norms.flatten().numpy(), cmap="viridis", s=40)
     ax.set_xlabel("x")
     ax.set_ylabel("y")
-    ax.set_zlabel("z (input face z=0)")
+    ax.set_zlabel("z")
+    ax.set_zticks(range(Z))
     fig.colorbar(pts, label="state norm")
-    ax.set_title("state norms after the last step (one sample)")
+    ax.set_title("state norms after the last step (one sample; input face z = 0)")
     return _save(fig, out / "state_norms.png")
 
 
