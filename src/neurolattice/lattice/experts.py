@@ -102,21 +102,25 @@ class DistantExpert(nn.Module):
     def forward(self, x: torch.Tensor, mean_distant: torch.Tensor) -> torch.Tensor:
         S = x.shape[-1]
         w1 = self.fc1.weight
-        drive = F.linear(mean_distant, w1[:, S:], self.fc1.bias)   # constant in t
-        decay = F.softplus(self.lam)
+        drive = F.linear(mean_distant, w1[:, S:], self.fc1.bias).reshape(-1, w1.shape[0])  # (M, H), constant in t
+        w_z = w1[:, :S].t().contiguous()                                   # (S, H)
+        w_out, b_out = self.fc2.weight.t(), self.fc2.bias
+        neg_decay = -F.softplus(self.lam)
 
-        def field(z: torch.Tensor) -> torch.Tensor:
-            return self.fc2(torch.tanh(z @ w1[:, :S].t() + drive)) - decay * z
+        def field(z: torch.Tensor) -> torch.Tensor:                         # (M, S) -> (M, S)
+            hidden = torch.tanh(torch.addmm(drive, z, w_z))
+            return torch.addmm(b_out, hidden, w_out).addcmul_(z, neg_decay)
 
         dt = 1.0 / self.ode_steps
-        z = x
+        x_flat = x.reshape(-1, S)
+        z = x_flat
         for _ in range(self.ode_steps):
             k1 = field(z)
-            k2 = field(z + 0.5 * dt * k1)
-            k3 = field(z + 0.5 * dt * k2)
-            k4 = field(z + dt * k3)
-            z = z + (dt / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
-        return z - x
+            k2 = field(torch.add(z, k1, alpha=0.5 * dt))
+            k3 = field(torch.add(z, k2, alpha=0.5 * dt))
+            k4 = field(torch.add(z, k3, alpha=dt))
+            z = torch.add(z, torch.add(k1, k2, alpha=2.0).add_(k3, alpha=2.0).add_(k4), alpha=dt / 6.0)
+        return (z - x_flat).view_as(x)
 
     def extra_repr(self) -> str:
         return f"ode_steps={self.ode_steps}"

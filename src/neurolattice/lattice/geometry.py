@@ -151,7 +151,8 @@ def tier_sums(xp: torch.Tensor, geometry: LatticeGeometry, tiers: tuple[int, ...
     two padded tensors and the outputs, whatever the number of offsets.
     """
     dims = dims or geometry.dims
-    out = [None] * len(tiers)
+    shape = (*xp.shape[:1], *dims, xp.shape[-1])
+    out = [xp.new_zeros(shape) for _ in tiers]
     lengths = sorted({n for t in tiers for n in geometry.runs[t]})
     window, n_have = xp, 1
     for n in lengths:
@@ -160,7 +161,5 @@ def tier_sums(xp: torch.Tensor, geometry: LatticeGeometry, tiers: tuple[int, ...
             n_have += 1
         for k, t in enumerate(tiers):
             for run in geometry.runs[t].get(n, ()):
-                view = shifted(window, geometry.pad, run, dims)
-                out[k] = view if out[k] is None else out[k] + view
-    shape = (*xp.shape[:1], *dims, xp.shape[-1])
-    return [o if o is not None else xp.new_zeros(shape) for o in out]
+                out[k].add_(shifted(window, geometry.pad, run, dims))
+    return out

@@ -125,9 +125,9 @@ class LatticeModel(nn.Module):
             if t > 0 and self.config.redrive:
                 states = states + drive
             if grad_checkpointing and torch.is_grad_enabled():
-                states, gates = checkpoint(self.lattice, states, True, use_reentrant=False)
+                states, gates = checkpoint(self.lattice, states, True, False, use_reentrant=False)
             else:
-                states, gates = self.lattice(states, return_gates=True)
+                states, gates = self.lattice(states, return_gates=True, validate=False)
             if trace is not None:
                 trace.setdefault("gates", []).append(gates.detach())
         if trace is not None:

@@ -67,10 +67,12 @@ class LatticeMoE(nn.Module):
             bias = torch.zeros(inside.shape).masked_fill(~inside, float("-inf"))
         self.register_buffer("functional_bias", bias, persistent=False)
 
-    def forward(self, states: torch.Tensor, return_gates: bool = False):
+    def forward(self, states: torch.Tensor, return_gates: bool = False, validate: bool = True):
         """New states ``[B, X, Y, Z, S]``; with ``return_gates``, also the gate weights
-        ``[B, X, Y, Z, 3]`` (local, functional, distant)."""
-        self.check_states(states)
+        ``[B, X, Y, Z, 3]`` (local, functional, distant). ``validate=False`` skips
+        :meth:`check_states` (for callers that feed the step its own outputs)."""
+        if validate:
+            self.check_states(states)
         B, X, Y, Z, S = states.shape
         xp = pad_lattice(states, self.geometry.pad, self.config.boundary)         # (B, X', Y', Z', S)
         slab = min(X, max(1, self.block_elems // (B * Y * Z * S), 2 * self.geometry.pad[0]))
@@ -124,7 +126,9 @@ class LatticeMoE(nn.Module):
             )
         if states.shape[0] == 0:
             raise ValueError("states has an empty batch (B = 0)")
-        if not torch.isfinite(states).all():
+        # One reduction first (no [B, N, S] temporary); the elementwise test only if it is not
+        # finite, which may also be an overflow of finite values.
+        if not torch.isfinite(states.sum()) and not torch.isfinite(states).all():
             raise ValueError("states contain NaN or inf")
 
     def extra_repr(self) -> str:
