@@ -15,13 +15,14 @@ from typing import Any
 
 from neurolattice import __version__
 from neurolattice.lattice import bench as lattice_bench
+from neurolattice.lattice import bench_train as lattice_bench_train
 from neurolattice.lattice import commands as lattice_commands
 
 # system -> (help, {command: module or class with HELP, add_arguments, check, run})
 SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "lattice": ("the 3D lattice MoE network", {
         "train": lattice_commands.Train, "eval": lattice_commands.Eval,
-        "show": lattice_commands.Show, "bench": lattice_bench,
+        "show": lattice_commands.Show, "bench": lattice_bench, "bench-train": lattice_bench_train,
     }),
 }
 

@@ -1,0 +1,104 @@
+"""``neurolattice lattice bench-train``: time and peak memory of one training step of a
+LatticeModel, for several numbers of lattice steps ``T``, with and without gradient
+checkpointing per lattice step.
+
+One training step is the shared trainer's :meth:`~neurolattice.train.Trainer.train_step`
+(forward, backward, clipping, AdamW) on one batch of random image-like inputs, with the
+default experiment's model (:data:`neurolattice.lattice.experiment.DEFAULTS`) unless
+``--dims`` / ``--state-size`` say otherwise. Each ``(T, checkpointing)`` runs in a fresh process
+(:func:`neurolattice.bench.harness.run_isolated`): one warm-up step, then up to ``repeats``
+timed steps, median reported; ``peak_mem_bytes`` as in ``lattice bench``.
+
+JSON (``--json``): a list of rows with the keys of :data:`ROW_KEYS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from neurolattice.bench.harness import machine_info, run_isolated, time_ms
+from neurolattice.bench.report import Column, Table, format_bytes, format_machine, machine_path, write_results
+
+HELP = "time and memory of one training step for T = 4, 8, 16, with and without gradient checkpointing"
+ROW_KEYS = ("steps_T", "grad_checkpointing", "dims", "state_size", "batch", "ms_per_step",
+            "samples_per_s", "peak_mem_bytes", "status")
+DEFAULT_JSON = "results/lattice_train_bench.json"
+TABLE = Table([
+    Column("steps_T", "T", 3),
+    Column("grad_checkpointing", "checkpointing", 13, lambda v: "yes" if v else "no"),
+    Column("ms_per_step", "ms/step", 10, lambda v: f"{v:,.1f}"),
+    Column("samples_per_s", "samples/s", 10, lambda v: f"{v:,.1f}"),
+    Column("peak_mem_bytes", "peak mem", 9, format_bytes),
+    Column("status", "status", 6, align="<"),
+])
+
+
+def measure(steps: int, grad_checkpointing: bool, dims: list[int], state_size: int, batch: int,
+            repeats: int) -> dict[str, Any]:
+    """One training step of the model described by the arguments (inside :func:`run_isolated`)."""
+    from neurolattice.train import TrainConfig, Trainer
+
+    from .config import LatticeConfig
+    from .experiment import DEFAULTS
+    from .model import LatticeModel, LatticeModelConfig
+    from .tasks import Dataset, LatticeTask
+
+    torch.manual_seed(0)
+    hidden = {k: state_size for k in ("hidden_local", "hidden_functional", "hidden_distant", "hidden_gate")}
+    lattice = LatticeConfig(**{**DEFAULTS["lattice"], "dims": tuple(dims), "state_size": state_size, **hidden})
+    model = LatticeModel(LatticeModelConfig(lattice=lattice, input_shape=(dims[0], dims[1], 1),
+                                            num_outputs=10, steps=steps))
+    x, y = torch.rand(batch, dims[0], dims[1], 1), torch.randint(0, 10, (batch,))
+    task = LatticeTask(Dataset("random", "classification", x, y, x, y, num_outputs=10))
+    trainer = Trainer(model, task, TrainConfig(steps=10**6, batch_size=batch, warmup_steps=0,
+                                               grad_checkpointing=grad_checkpointing))
+    return {"ms_per_step": time_ms(trainer.train_step, repeats=repeats, budget_s=20.0)}
+
+
+def run(args: argparse.Namespace) -> int:
+    machine = machine_info("cpu")
+    print(format_machine(machine), end="\n\n")
+    print(f"model: lattice {args.dims}, S = H = {args.state_size}, batch {args.batch}\n")
+    print(TABLE.header())
+    rows: list[dict[str, Any]] = []
+    runs = [(t, ckpt) for t in args.steps for ckpt in (False, True)]
+    for t, ckpt in tqdm(runs, desc="train bench", unit="run", disable=None, leave=False):
+        row = {"steps_T": t, "grad_checkpointing": ckpt, "dims": args.dims, "state_size": args.state_size,
+               "batch": args.batch, "ms_per_step": None, "samples_per_s": None, "peak_mem_bytes": None}
+        try:
+            result = run_isolated(f"{__name__}:measure", dict(
+                steps=t, grad_checkpointing=ckpt, dims=args.dims, state_size=args.state_size,
+                batch=args.batch, repeats=args.repeats))
+            row |= {"ms_per_step": result["ms_per_step"], "samples_per_s": args.batch * 1000 / result["ms_per_step"],
+                    "peak_mem_bytes": result["peak_mem_bytes"], "status": "ok"}
+        except RuntimeError as err:
+            row["status"] = f"skipped: {err}"
+        rows.append({k: row[k] for k in ROW_KEYS})
+        tqdm.write(TABLE.row(rows[-1]))
+        write_results(args.json, rows, machine)
+    print(f"\nwrote {args.json} and {machine_path(args.json)}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16],
+                        help="lattice steps T (default %(default)s)")
+    parser.add_argument("--dims", type=int, nargs=3, default=[12, 12, 6], help="lattice sides (default %(default)s)")
+    parser.add_argument("--state-size", type=int, default=16, help="S and every hidden size (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=8, help="samples per training step (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up (default %(default)s)")
+    parser.add_argument("--json", default=DEFAULT_JSON, help="rows written here as a JSON list (default %(default)s)")
+
+
+def check(args: argparse.Namespace) -> None:
+    for name in ("steps", "dims"):
+        values = getattr(args, name)
+        if min(values) < (0 if name == "steps" else 1):
+            raise ValueError(f"--{name} must be {'non-negative' if name == 'steps' else 'positive'}, got {values}")
+    for name in ("state_size", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
