@@ -74,17 +74,25 @@ class Train:
         return 0
 
 
-class Eval:
-    HELP = "held-out figures of a trained lattice run, beside its T = 0 baseline and scikit-learn's"
+class _OnRun:
+    """A command on a trained run: ``CKPT`` is loaded (and checked) before it runs."""
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("ckpt", metavar="CKPT", help="run directory or one of its step directories")
-        _json_arg(parser)
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
         args.loaded = experiment.load_run(args.ckpt)
+
+
+class Eval(_OnRun):
+    HELP = "held-out figures of a trained lattice run, beside its T = 0 baseline and scikit-learn's"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        _OnRun.add_arguments(parser)
+        _json_arg(parser)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
@@ -93,17 +101,13 @@ class Eval:
         return 0
 
 
-class Show:
+class Show(_OnRun):
     HELP = "PNG plots of a trained lattice run: curves, gate usage, state norms, metric vs T"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("ckpt", metavar="CKPT", help="run directory or one of its step directories")
+        _OnRun.add_arguments(parser)
         parser.add_argument("--out", help="folder for the PNGs (default: CKPT's run directory /plots)")
-
-    @staticmethod
-    def check(args: argparse.Namespace) -> None:
-        args.loaded = experiment.load_run(args.ckpt)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:

@@ -52,6 +52,7 @@ def gate_usage(trace: dict, out: Path) -> Path:
     steps = range(1, len(usage) + 1)
     for k, name in enumerate(TIERS):
         ax.plot(steps, usage[:, k], "o-", label=name)
+    ax.set_xticks(list(steps))
     ax.set_xlabel("lattice step t")
     ax.set_ylabel("mean gate weight")
     ax.set_ylim(0, 1)
