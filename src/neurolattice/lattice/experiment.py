@@ -36,7 +36,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "lattice": {"dims": [8, 8, 2], "state_size": 16, "hidden_local": 16, "hidden_functional": 16,
                 "hidden_distant": 16, "hidden_gate": 16, "r_local": 1.75, "r_functional": 2.0,
                 "r_distant": 2.5},
-    "train": {"steps": 400, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "weight_decay": 0.1,
+    "train": {"steps": 400, "batch_size": 32, "lr": 3e-3, "warmup_steps": 15, "weight_decay": 0.1,
               "eval_every": 50, "checkpoint_every": 100, "log_every": 10},
 }
 SET_BY_DATA = ("input_shape", "num_outputs", "task")
