@@ -1,0 +1,190 @@
+"""Text for the LM: the byte tokenizer, the corpus (the interpreter's standard library or a
+folder of the user's text files), the split by file, and the packing into fixed-length rows."""
+
+from __future__ import annotations
+
+import os
+import random
+import sysconfig
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IGNORE = -100  # label of a position that is not a target (cross-entropy's ignore_index)
+# Directories left out of the default corpus: third-party packages and the test suites.
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+
+
+class ByteTokenizer:
+    """Ids ``0..255`` are the bytes of the UTF-8 text; ``eod_id = 256`` ends a document."""
+
+    vocab_size = 257
+    eod_id = 256
+
+    def encode(self, text: str | bytes) -> torch.Tensor:
+        """``text`` (a str is UTF-8 encoded) as ids ``[n]`` (int64), without end-of-document."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """The text of byte ids (any shape); other ids (end-of-document, -100) are skipped and
+        invalid UTF-8 becomes U+FFFD."""
+        ids = torch.as_tensor(ids).flatten()
+        return bytes(ids[(ids >= 0) & (ids < 256)].tolist()).decode("utf-8", errors="replace")
+
+    def byte_lengths(self) -> torch.Tensor:
+        """Bytes of text each id stands for, ``[vocab_size]``: 1 per byte, 0 for end-of-document."""
+        return (torch.arange(self.vocab_size) < 256).long()
+
+
+def default_corpus_dir() -> Path:
+    """The running interpreter's standard library, ``sysconfig.get_paths()["stdlib"]``."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def default_corpus_files() -> list[Path]:
+    """The standard library's ``.py`` sources, sorted, ``pydoc_data/topics.py`` (the language
+    reference's prose) among them. Directories in :data:`EXCLUDED_DIRS` are left out:
+    ``site-packages`` is third-party code, not the standard library, and the test suites hold,
+    besides tests, data files and deliberately malformed sources (bad encodings, bad syntax)."""
+    files = []
+    for folder, subdirs, names in os.walk(default_corpus_dir()):
+        subdirs[:] = [d for d in subdirs if d not in EXCLUDED_DIRS]  # prune: never walk site-packages
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
+    return sorted(files)
+
+
+def list_text_files(folder: str | Path) -> list[Path]:
+    """Every regular, non-hidden file under ``folder`` (recursively, sorted) whose first 8 KiB
+    hold no NUL byte (git's test for binary). A missing or unreadable folder, or one with no
+    such file, is a one-line ``ValueError``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"text folder {folder} does not exist or is not a folder")
+    try:
+        files = [p for p in sorted(folder.rglob("*")) if p.is_file() and _is_text(p)
+                 and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    except OSError as err:
+        raise ValueError(f"cannot read text folder {folder}: {err}") from None
+    if not files:
+        raise ValueError(f"text folder {folder} holds no text files (non-hidden files without NUL bytes)")
+    return files
+
+
+def _is_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" not in f.read(8192)
+
+
+def split_files(files: Iterable[str | Path], heldout_fraction: float = 0.1,
+                seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """Split BY FILE into ``(train, heldout)``, both sorted: the sorted files are shuffled by
+    ``random.Random(seed)`` and the first ``round(heldout_fraction * n)`` (at least 1, at most
+    ``n - 1``, none when the fraction is 0) are held out. Same files and seed, same split."""
+    if not isinstance(heldout_fraction, (int, float)) or not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction!r}")
+    files = sorted(Path(f) for f in files)
+    if heldout_fraction > 0 and len(files) < 2:
+        raise ValueError(f"a split by file needs at least 2 files, got {len(files)}")
+    n_held = min(max(1, round(heldout_fraction * len(files))), len(files) - 1) if heldout_fraction else 0
+    order = files.copy()
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_held])
+    return [f for f in files if f not in held], sorted(held)
+
+
+def read_documents(files: Iterable[str | Path], max_bytes: int | None = None) -> list[bytes]:
+    """The files' bytes, one document each, in order; with ``max_bytes``, reading stops once
+    that many bytes are read (the last document cut short)."""
+    docs, left = [], max_bytes
+    for path in files:
+        if left is not None and left <= 0:
+            break
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            raise ValueError(f"cannot read text file {path}: {err}") from None
+        docs.append(data if left is None else data[:left])
+        left = None if left is None else left - len(docs[-1])
+    return docs
+
+
+def pack(docs: Iterable[str | bytes], seq_len: int, tokenizer: ByteTokenizer | None = None,
+         pad: bool = False) -> torch.Tensor:
+    """Documents, each followed by end-of-document, packed into rows ``[n, seq_len + 1]``.
+
+    The stream ``s = doc_1 EOD doc_2 EOD ...`` is cut into consecutive windows that overlap by
+    one token, ``row_i = s[i T : i T + T + 1]`` with ``T = seq_len``: with ``inputs = row[:-1]``
+    and ``labels = row[1:]``, every token of the stream after the first is a label exactly once,
+    in stream order. A last window shorter than ``T + 1`` is dropped, or with ``pad=True``
+    filled up with :data:`IGNORE`.
+    """
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    tokenizer = tokenizer or ByteTokenizer()
+    eod = torch.tensor([tokenizer.eod_id])
+    stream = torch.cat([t for doc in docs for t in (tokenizer.encode(doc), eod)] or [eod[:0]])
+    if pad and len(stream) > 1:
+        stream = torch.cat([stream, stream.new_full((-(len(stream) - 1) % seq_len,), IGNORE)])
+    if len(stream) < seq_len + 1:
+        return stream.new_empty((0, seq_len + 1))
+    return stream.unfold(0, seq_len + 1, seq_len).clone()  # (n, T + 1)
+
+
+class PackedDataset:
+    """Packed rows ``[n, T + 1]`` for the trainer: ``dataset[idx]`` (a LongTensor of row indices,
+    or a slice) is the batch ``(inputs [B, T], labels [B, T])``, int64. Labels are
+    :data:`IGNORE` at padding; padded inputs read id 0, which only ever predicts ignored labels."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[idx]
+        return rows[..., :-1].clamp(min=0), rows[..., 1:]
+
+    @property
+    def seq_len(self) -> int:
+        return self.rows.shape[-1] - 1
+
+
+@dataclass
+class LMData:
+    """A corpus split by file and packed: training rows and held-out rows, and which files."""
+
+    train: PackedDataset
+    heldout: PackedDataset
+    train_files: list[str]
+    heldout_files: list[str]
+    tokenizer: ByteTokenizer
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len
+
+
+def load_lm_data(folder: str | Path | None = None, seq_len: int = 256, heldout_fraction: float = 0.1,
+                 seed: int = 0, max_bytes: int | None = None) -> LMData:
+    """The text files under ``folder`` (default: :func:`default_corpus_files`), split by file
+    (:func:`split_files`), read and packed. ``max_bytes`` caps the text read: the training files
+    get ``1 - heldout_fraction`` of it, the held-out files the rest. Training rows drop the
+    short last window; held-out rows are padded so every held-out byte is scored."""
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1):
+        raise ValueError(f"max_bytes must be a positive integer or None, got {max_bytes!r}")
+    files = default_corpus_files() if folder is None else list_text_files(folder)
+    train_files, heldout_files = split_files(files, heldout_fraction, seed)
+    held_cap = None if max_bytes is None else round(max_bytes * heldout_fraction)
+    train_cap = None if max_bytes is None else max_bytes - held_cap
+    tokenizer = ByteTokenizer()
+    train = pack(read_documents(train_files, train_cap), seq_len, tokenizer)
+    if len(train) == 0:
+        raise ValueError(f"the training text is shorter than one sequence of seq_len + 1 = {seq_len + 1} tokens")
+    heldout = pack(read_documents(heldout_files, held_cap), seq_len, tokenizer, pad=True)
+    return LMData(PackedDataset(train), PackedDataset(heldout), [str(f) for f in train_files],
+                  [str(f) for f in heldout_files], tokenizer)

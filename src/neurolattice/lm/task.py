@@ -1,0 +1,77 @@
+"""Language modelling as a :class:`~neurolattice.train.Task` of the shared trainer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neurolattice.train import Task
+
+from .config import LMConfig
+from .data import IGNORE, LMData
+
+
+class LMTask(Task):
+    """Next-token prediction on packed rows; a target is a label that is not :data:`IGNORE`.
+
+    A batch is ``(inputs [B, T], labels [B, T])``, int64, ``labels[b, t]`` the token after
+    ``inputs[b, t]``. :meth:`loss_sum` is the summed cross-entropy in nats, so the trainer's
+    division by the step's target count makes micro-batches of any sizes weigh right.
+
+    :meth:`evaluate` scores the held-out rows in bits per byte,
+
+    .. math::
+        \\mathrm{bpb} = \\frac{\\sum_{\\text{targets}} -\\ln p(\\text{target})}{\\ln 2 \\cdot \\text{bytes}},
+
+    where the sum runs over every held-out target, end-of-document tokens included (predicting
+    where a document ends is part of the model's job), and ``bytes`` counts the bytes of text
+    the targets stand for (end-of-document stands for none): the cost of marking document ends
+    is charged to the documents' bytes. It also returns ``loss``, the mean nats per target.
+    """
+
+    def __init__(self, data: LMData, cfg: LMConfig, eval_batch_size: int = 32) -> None:
+        if data.seq_len > cfg.seq_len:
+            raise ValueError(f"seq_len {data.seq_len} of the data exceeds the model's maximum positions "
+                             f"{cfg.seq_len} (LMConfig.seq_len)")
+        if data.tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {data.tokenizer.vocab_size} ids but the model's "
+                             f"vocab_size is {cfg.vocab_size}")
+        self.data, self.eval_batch_size = data, eval_batch_size
+        self.train_data = data.train
+        self.byte_lengths = data.tokenizer.byte_lengths()
+
+    def count_targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return (batch[1] != IGNORE).sum()
+
+    def loss_sum(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                 grad_checkpointing: bool = False) -> torch.Tensor:
+        inputs, labels = batch
+        inner = getattr(model, "module", model)  # the model inside a DDP wrapper
+        if inner.is_gradient_checkpointing != grad_checkpointing:
+            if grad_checkpointing:
+                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                inner.gradient_checkpointing_disable()
+        logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        heldout = self.data.heldout
+        if len(heldout) == 0:
+            return {}
+        device = next(model.parameters()).device
+        byte_lengths = self.byte_lengths.to(device)
+        nats = torch.zeros((), dtype=torch.float64, device=device)
+        targets = torch.zeros((), dtype=torch.long, device=device)
+        nbytes = torch.zeros((), dtype=torch.long, device=device)
+        for start in range(0, len(heldout), self.eval_batch_size):
+            inputs, labels = (t.to(device) for t in heldout[start:start + self.eval_batch_size])
+            nats += self.loss_sum(model, (inputs, labels)).double()
+            valid = labels[labels != IGNORE]
+            targets += len(valid)
+            nbytes += byte_lengths[valid].sum()
+        nats, targets, nbytes = nats.item(), targets.item(), nbytes.item()
+        return {"loss": nats / max(targets, 1), "bpb": nats / (math.log(2) * max(nbytes, 1))}
