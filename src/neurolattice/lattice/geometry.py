@@ -60,7 +60,7 @@ class LatticeGeometry:
     Attributes:
         offsets: per tier, the list of ``(dx, dy, dz)`` offsets (distinct neighbour cells).
         runs: per tier, ``{n: [(dx, dy, dz0), ...]}``: runs of ``n`` consecutive dz.
-        pads: per tier, the padding ``(px, py, pz)`` that makes each of its offsets a view.
+        pad: the padding ``(px, py, pz)`` that makes every offset a view of the padded states.
     """
 
     dims: tuple[int, int, int]
@@ -68,12 +68,7 @@ class LatticeGeometry:
     radii: tuple[float, float, float]
     offsets: tuple[tuple[Offset, ...], ...]
     runs: tuple[dict[int, tuple[Run, ...]], ...]
-    pads: tuple[tuple[int, int, int], ...]
-
-    @property
-    def pad(self) -> tuple[int, int, int]:
-        """Padding that covers every tier."""
-        return tuple(max(p[a] for p in self.pads) for a in range(3))
+    pad: tuple[int, int, int]
 
     @property
     def num_offsets(self) -> tuple[int, int, int]:
@@ -94,12 +89,10 @@ def lattice_geometry(
                 if t is not None:
                     offsets[t].append((dx, dy, dz))
     runs = tuple(_z_runs(tier) for tier in offsets)
-    pads = tuple(
-        tuple(max((abs(o[a]) for o in tier), default=0) for a in range(3)) for tier in offsets
-    )
+    pad = tuple(max((abs(o[a]) for tier in offsets for o in tier), default=0) for a in range(3))
     return LatticeGeometry(
         dims=tuple(dims), boundary=boundary, radii=tuple(radii),
-        offsets=tuple(tuple(t) for t in offsets), runs=runs, pads=pads,
+        offsets=tuple(tuple(t) for t in offsets), runs=runs, pad=pad,
     )
 
 
