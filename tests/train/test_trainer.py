@@ -185,33 +185,6 @@ def test_resume_checks_the_config(tmp_path):
     assert bigger.step == 0
 
 
-def ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                         world_size=world)
-    trainer = Trainer(Tokens.model(1), Tokens(), TrainConfig(steps=3, batch_size=8, micro_batch_size=2,
-                                                             warmup_steps=1, lr=0.05))
-    for _ in range(3):
-        trainer.train_step()
-    if rank == 0:
-        torch.save(trainer.model.state_dict(), out)
-    torch.distributed.destroy_process_group()
-
-
-@pytest.mark.slow  # each rank's DDP import of torch._dynamo alone takes seconds
-def test_two_ranks_equal_one_process(tmp_path):
-    """2 ranks x 2 micro-batches == 1 process x 4: the DDP average and the global target count."""
-    torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp.pt")),
-                                nprocs=2)
-    single = Trainer(Tokens.model(1), Tokens(), TrainConfig(steps=3, batch_size=8, micro_batch_size=2,
-                                                            warmup_steps=1, lr=0.05))
-    for _ in range(3):
-        single.train_step()
-    ddp = Tokens.model(0)
-    ddp.load_state_dict(torch.load(tmp_path / "ddp.pt"))
-    assert max_diff(single.model, ddp) <= 1e-6
-    assert max_diff(single.model, Tokens.model(1)) > 1e-3
-
-
 def test_sampler_epochs_are_permutations_and_resume():
     sampler = EpochSampler(5, seed=3)
     stream = sampler.take(12)

@@ -1,9 +1,16 @@
 """The few torch.distributed facts the trainer needs. In one process (no process group) every
-helper is the identity, so the same training loop runs alone or under ``torchrun``."""
+helper is the identity, so the same training loop runs alone or under ``torchrun``::
+
+    with distributed.init_from_env() as device:   # torchrun --nproc_per_node 4 train.py
+        model = build().to(device)
+        Trainer(model, task, cfg, out_dir).fit()
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -11,6 +18,37 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+
+@contextlib.contextmanager
+def init_from_env(device: str | None = None) -> Iterator[torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), yield this process's device,
+    and leave the group at exit.
+
+    ``device`` is ``"cuda"``, ``"cpu"`` or None (CUDA when available). On CUDA each process takes
+    GPU ``LOCAL_RANK`` and the group talks NCCL; on the CPU, gloo. In a plain process (no
+    ``RANK``/``WORLD_SIZE`` in the environment), or when a group already exists, nothing is
+    initialised or destroyed: it only yields the device (``cuda`` is the current GPU).
+    """
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda', 'cpu' or None, got {device!r}")
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and not _initialized()
+    if kind == "cuda":
+        if launched:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        here = torch.device("cuda", torch.cuda.current_device())
+    else:
+        here = torch.device("cpu")
+    if not launched:
+        yield here
+        return
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    try:
+        yield here
+    finally:
+        dist.destroy_process_group()
 
 
 def _initialized() -> bool:

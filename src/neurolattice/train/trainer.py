@@ -130,7 +130,9 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def loss_sum(self, model: nn.Module, batch: Any, grad_checkpointing: bool = False) -> torch.Tensor:
-        """SUM (not mean) of the per-target losses of ``batch``: a scalar with a graph."""
+        """SUM (not mean) of the per-target losses of ``batch``: a scalar with a graph. On several
+        ranks ``model`` is the DDP wrapper: call it (its forward prepares the gradient sync); the
+        module itself is ``model.module``."""
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out metrics; the model is in eval mode, under ``torch.no_grad()``. Called on
@@ -236,6 +238,11 @@ class Trainer:
     micro-batches with different numbers of targets. ``N`` is counted from the labels before any
     forward pass (:meth:`Task.count_targets`, all-reduced over ranks); a step without targets
     counts ``N = 1`` and has zero gradient.
+
+    On several ranks (``torchrun``, the process group from :func:`distributed.init_from_env`)
+    every rank makes the same calls; the sampler's global order is the same on all of them, rank
+    0 alone writes checkpoints and metrics, and a checkpoint resumes on any number of ranks that
+    divides ``batch_size`` (see :meth:`resume` for the RNG states).
 
     Args:
         model: the module to train, on its device; wrapped in DDP when there are several ranks.

@@ -1,0 +1,102 @@
+"""A ``torchrun`` worker for test_ddp.py: trains a tiny float32 token model with the shared
+trainer and saves its parameters. Run without torchrun it is a plain single process::
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/train/ddp_worker.py '<jobs as JSON>'
+
+Each job is ``{"out": dir, "until": step or null, "resume": bool, "dropout": p}``: a fresh
+model and :class:`Trainer` (checkpoints and ``metrics.jsonl`` in ``out``), resumed from ``out``
+if asked, fitted to ``until`` (``fit`` saves when it stops). Rank 0 then writes to
+``out/result.pt`` the parameters, the steps it ran and how many backward passes all-reduced the
+gradients (counted by a DDP communication hook). Every rank checks first that its parameters
+equal rank 0's bit for bit, which is what DDP's synchronised steps promise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import TensorDataset
+
+from neurolattice.train import Task, TrainConfig, Trainer, distributed
+
+VOCAB, SEQ, SAMPLES = 7, 6, 12
+# 8 samples a step in micro-batches of 2: 1 rank x 4 micro-batches, 2 x 2 or 4 x 1
+CONFIG = TrainConfig(steps=3, batch_size=8, micro_batch_size=2, warmup_steps=1, lr=0.05, log_every=1)
+
+
+class Tokens(Task):
+    """Next-token prediction with ragged lengths: batch = (tokens [B, T], labels [B, T]) with
+    -100 after each sample's length, so micro-batches and ranks hold unequal target counts.
+    12 samples in steps of 8: the second step crosses an epoch boundary."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(VOCAB, (SAMPLES, SEQ), generator=g)
+        labels = tokens.roll(-1, dims=1)
+        lengths = torch.randint(0, SEQ + 1, (SAMPLES,), generator=g)
+        labels[torch.arange(SEQ) >= lengths[:, None]] = -100
+        self.train_data = TensorDataset(tokens, labels)
+
+    def count_targets(self, batch):
+        return (batch[1] != -100).sum()
+
+    def loss_sum(self, model, batch, grad_checkpointing=False):
+        logits = model(batch[0])  # (B, T, VOCAB)
+        return F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(), reduction="sum")
+
+
+class TinyLM(nn.Module):
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.tanh(self.emb(tokens).cumsum(1))))  # (B, T, VOCAB)
+
+
+def model(dropout: float = 0.0) -> TinyLM:
+    torch.manual_seed(1)
+    return TinyLM(dropout)
+
+
+def run(job: dict) -> None:
+    out = Path(job["out"])
+    trainer = Trainer(model(job.get("dropout", 0.0)), Tokens(), CONFIG, out_dir=out)
+    if job.get("resume"):
+        trainer.resume()
+    start, reduced = trainer.step, []
+    if isinstance(trainer.ddp_model, DistributedDataParallel):
+        def counting_allreduce(state, bucket):
+            reduced.append(bucket.index())
+            return allreduce_hook(state, bucket)
+
+        trainer.ddp_model.register_comm_hook(None, counting_allreduce)
+    trainer.fit(until=job.get("until"), progress=False)
+    params = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    first = distributed.all_gather_object(params)[0]
+    for name, value in params.items():
+        if not torch.equal(value, first[name]):
+            raise AssertionError(f"rank {distributed.rank()}: '{name}' differs from rank 0's "
+                                 f"by {(value - first[name]).abs().max().item():.3g}")
+    if distributed.is_main():
+        torch.save({"params": params, "steps": trainer.step - start, "synced_backwards": reduced.count(0)},
+                   out / "result.pt")
+
+
+def main(jobs: list[dict]) -> None:
+    with distributed.init_from_env("cpu"):
+        for job in jobs:
+            run(job)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

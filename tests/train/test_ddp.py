@@ -1,0 +1,136 @@
+"""The trainer's data parallelism in real ``torchrun`` launches (gloo, CPU, float32).
+
+The same global batch of 8 samples a step, in micro-batches of 2, on 1 rank x 4 micro-batches,
+2 x 2 and 4 x 1 must give the same parameters after 3 steps; a 2-rank run stopped after step 1
+and resumed in a fresh launch, on 1, 2 or 4 ranks, must end where the uninterrupted run ends.
+The token task pads with -100, so ranks and micro-batches hold unequal target counts: only the
+loss normalised by the step's global target count agrees across the splits. The launches are
+shared by the tests through one module fixture: 3 launches, 8 ranks, about 25 s on 2 cores,
+nearly all of it the ranks importing torch and torch._dynamo (which DDP pulls in).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from neurolattice.train import distributed
+
+from .ddp_worker import main, model
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, jobs: list[dict]) -> None:
+    """Run the worker's ``jobs`` under ``torchrun`` on ``nproc`` CPU ranks; fail with its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), json.dumps(jobs)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # its own group: a hung launch dies whole
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun x{nproc} did not finish in {TIMEOUT_S} s; its output:\n{output[-12000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun x{nproc} exited with {proc.returncode}; its output:\n{output[-12000:]}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Every run of the tests below, one directory each, named ``<ranks>x<micro-batches>[-...]``."""
+    root = tmp_path_factory.mktemp("ddp")
+
+    def job(name: str, **kw) -> dict:
+        return {"out": str(root / name), **kw}
+
+    launch(2, [job("2x2"), job("2x2-stop", until=1),
+               job("2x2-dropout", dropout=0.3), job("2x2-dropout-stop", until=1, dropout=0.3)])
+    for name in ("1x4-resume", "2x2-resume", "4x1-resume"):
+        shutil.copytree(root / "2x2-stop", root / name)
+    shutil.copytree(root / "2x2-dropout-stop", root / "2x2-dropout-resume")
+    launch(4, [job("4x1"), job("4x1-resume", resume=True)])
+    launch(2, [job("2x2-resume", resume=True), job("2x2-dropout-resume", resume=True, dropout=0.3)])
+    main([job("1x4"), job("1x4-resume", resume=True)])  # in this process: no process group
+    return root
+
+
+def result(runs: Path, name: str) -> dict:
+    return torch.load(runs / name / "result.pt")
+
+
+def params(runs: Path, name: str) -> dict[str, torch.Tensor]:
+    return result(runs, name)["params"]
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_ranks_times_micro_batches_do_not_change_the_result(runs):
+    """1 x 4, 2 x 2 and 4 x 1 after 3 steps: DDP's gradient average over ranks, sync on the
+    last micro-batch only, and the global target count of the step."""
+    one = params(runs, "1x4")
+    assert one["emb.weight"].dtype == torch.float32
+    assert max_diff(one, model().state_dict()) > 1e-2  # the steps moved the parameters
+    for name in ("2x2", "4x1"):
+        assert max_diff(params(runs, name), one) <= 1e-5, name
+
+
+@pytest.mark.parametrize("name", ["2x2", "4x1", "2x2-resume", "4x1-resume"])
+def test_gradients_are_all_reduced_on_the_last_micro_batch_of_a_step_only(runs, name):
+    """One all-reducing backward per step, out of the 2 (2 x 2) or 1 (4 x 1) of each rank."""
+    run = result(runs, name)
+    assert run["steps"] == (2 if "resume" in name else 3)
+    assert run["synced_backwards"] == run["steps"]
+    assert result(runs, "1x4")["synced_backwards"] == 0  # one process: no DDP at all
+
+
+@pytest.mark.parametrize("name", ["1x4-resume", "2x2-resume", "4x1-resume", "2x2-dropout-resume"])
+def test_a_stopped_run_resumed_in_a_fresh_launch_ends_as_the_uninterrupted_one(runs, name):
+    """Stopped after step 1 of 3 on 2 ranks, resumed on 1, 2 or 4: the optimizer moments, the
+    schedule and the data position come back; with dropout (same 2 ranks) each rank's RNG too."""
+    full = "2x2-dropout" if "dropout" in name else "2x2"
+    assert max_diff(params(runs, name), params(runs, full)) <= 1e-5
+    assert max_diff(params(runs, f"{full}-stop"), params(runs, full)) > 1e-3
+    # rank 0 alone logs: each step once, the stopped run's step 1 then the resumed 2 and 3
+    steps = [json.loads(line)["step"] for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert (runs / name / "latest").read_text() == "step-00000003"
+
+
+def test_dropout_runs_differ(runs):
+    """The dropout runs above are a real test of the RNG states: dropout changes the result."""
+    assert max_diff(params(runs, "2x2-dropout"), params(runs, "2x2")) > 1e-3
+
+
+def test_init_from_env_does_nothing_in_a_plain_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with distributed.init_from_env("cpu") as device:
+        assert device == torch.device("cpu")
+        assert not dist.is_initialized() and distributed.world_size() == 1 and distributed.is_main()
+    with pytest.raises(ValueError, match=r"^device must be 'cuda', 'cpu' or None, got 'tpu'$"):
+        with distributed.init_from_env("tpu"):
+            pass
