@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+from neurolattice.train.plots import training_curves  # noqa: E402
 
 from .experiment import Experiment, accuracy_by_steps, primary_metric  # noqa: E402
 from .model import LatticeModel  # noqa: E402
@@ -23,26 +24,6 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def training_curves(metrics_file: Path, out: Path) -> Path | None:
-    """Loss per logged step and held-out metric per evaluation, from ``metrics.jsonl``."""
-    if not metrics_file.is_file():
-        return None
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    logged = [r for r in records if "loss" in r]
-    ax.plot([r["step"] for r in logged], [r["loss"] for r in logged], label="train loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per target")
-    ax.set_yscale("log")
-    evals = [(r["step"], v) for r in records for k, v in r.items() if k in ("eval_accuracy", "eval_r2")]
-    if evals:
-        twin = ax.twinx()
-        twin.plot(*zip(*evals), "o-", color="tab:green", label="held-out")
-        twin.set_ylabel("held-out " + ("accuracy" if "eval_accuracy" in records[-1] else "R^2"))
-    ax.set_title("training")
-    return _save(fig, out / "training_curves.png")
 
 
 def gate_usage(trace: dict, out: Path) -> Path:
@@ -105,7 +86,9 @@ def show(exp: Experiment, model: LatticeModel, baseline: LatticeModel | None, ru
     if baseline is not None:
         baseline_value = score(predict(baseline, exp.data.x_test), exp.data.y_test,
                                exp.data.task)[primary_metric(exp.data.task)]
-    paths = [training_curves(run_dir / "metrics.jsonl", out), metric_by_steps(exp, model, baseline_value, out)]
+    key = primary_metric(exp.data.task)
+    curves = training_curves(run_dir / "metrics.jsonl", out / "training_curves.png", key, f"held-out {key}")
+    paths = [curves, metric_by_steps(exp, model, baseline_value, out)]
     if exp.model.steps > 0:
         paths += [gate_usage(trace, out), state_norms(trace, out)]
     return [p for p in paths if p is not None]
