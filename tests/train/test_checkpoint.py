@@ -156,7 +156,7 @@ def test_a_different_config_names_the_field(tmp_path):
     load_checkpoint(tmp_path, Net(), {"model": {"hidden": 16}})  # the model section only
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "trainer_state.pt"])
+@pytest.mark.parametrize("name", ["model.safetensors", "run_config.json", "trainer_state.pt"])
 def test_corrupt_and_missing_files_are_named(tmp_path, name):
     path = save(tmp_path, 1, Net())
     file = path / name
@@ -177,3 +177,26 @@ def test_no_checkpoint_at_all(tmp_path):
     assert load_error(tmp_path, Net()) == (
         f"no checkpoint at {tmp_path}: it has neither a 'latest' pointer nor a model.safetensors"
     )
+
+
+def test_hf_model_is_a_save_pretrained_directory(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from neurolattice.lm import LMConfig, build_model
+    from neurolattice.train import read_config
+
+    cfg = LMConfig(d_model=16, n_layers=1, n_heads=2, ffn_size=32, seq_len=16)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    path = save(tmp_path, 3, model)
+    assert {"config.json", "model.safetensors", "run_config.json", "trainer_state.pt"} <= {
+        p.name for p in path.iterdir()}
+    assert read_config(tmp_path) == {"model": {"hidden": 16}, "train": {"lr": 0.1}}
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=0)
+    torch.manual_seed(1)
+    fresh = build_model(cfg)
+    load_checkpoint(tmp_path, fresh, {"model": {"hidden": 16}})  # the tied head is restored
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight

@@ -4,6 +4,7 @@ with -100 padding (targets = non-ignored tokens, so micro-batches carry unequal 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -162,6 +163,14 @@ def test_metrics_log_has_loss_lr_throughput_and_eval(tmp_path):
     assert set(lines[1]) == {"step", "eval_accuracy"}
     assert lines[0]["lr"] == pytest.approx(0.05)  # step 2 ran at the end of warmup
     assert record == lines[-1] and "eval_accuracy" in record and record["loss"] > 0
+
+
+def test_deadline_stops_at_the_next_logging_step_with_a_checkpoint(tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=1, log_every=2)
+    trainer = Trainer(Classify.model(0), Classify(), cfg, out_dir=tmp_path)
+    record = trainer.fit(progress=False, deadline=time.monotonic())
+    assert trainer.step == record["step"] == 2
+    assert (tmp_path / "latest").read_text() == "step-00000002"
 
 
 def test_resume_checks_the_config(tmp_path):

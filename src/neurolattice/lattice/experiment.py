@@ -1,7 +1,7 @@
 """Train and evaluate a LatticeModel on a dataset: configs, the run, its summary.
 
 A run directory (``--out``) holds the model's checkpoints (see :mod:`neurolattice.train`), the
-``T = 0`` baseline's in ``T0/``, and ``metrics.jsonl``. Its ``config.json`` records the model
+``T = 0`` baseline's in ``T0/``, and ``metrics.jsonl``. Its ``run_config.json`` records the model
 config and where the data came from, so ``eval`` and ``show`` rebuild everything from it.
 """
 
@@ -107,7 +107,7 @@ def load_run(path: str | Path) -> tuple[Experiment, LatticeModel, LatticeModel |
         spec = saved["model"]["data"]
         train_cfg = TrainConfig.from_dict(saved["train"])
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{ckpt} is not a lattice model checkpoint (config.json lacks {err})") from None
+        raise ValueError(f"{ckpt} is not a lattice model checkpoint (run_config.json lacks {err})") from None
     exp = Experiment(load_data(spec), spec, model_cfg, train_cfg)
     model = LatticeModel(model_cfg)
     load_checkpoint(ckpt, model)

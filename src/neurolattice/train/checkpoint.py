@@ -6,10 +6,15 @@ Layout of a run directory::
       latest                  text: the name of the newest complete checkpoint, e.g. "step-00000400"
       step-00000400/
         model.safetensors     the model's state dict (safetensors.torch)
-        config.json           {"model": <the system's config dict>, "train": <TrainConfig dict>}
+        run_config.json       {"model": <the system's config dict>, "train": <TrainConfig dict>}
         trainer_state.pt      optimizer, scheduler, RNG states, data position, step (torch.save)
 
-A checkpoint is written whole into a hidden temporary directory (each file through
+A model with ``save_pretrained`` (a ``transformers.PreTrainedModel``) writes its weights with
+it instead: ``model.safetensors`` (tied weights such as ``lm_head.weight`` stored once), the HF
+``config.json`` and ``generation_config.json``, so ``AutoModelForCausalLM.from_pretrained``
+loads a step directory as it is; :func:`load_checkpoint` restores the tied names left out.
+
+A checkpoint is written whole into a hidden temporary directory (each file of ours through
 :func:`neurolattice.io.atomic_write`), renamed into place, and only then does ``latest`` move
 to it. ``latest`` names a complete directory at every instant, so a save that dies at any point
 leaves the previous checkpoint loadable. Loading checks names, shapes and config fields and
@@ -34,7 +39,7 @@ from neurolattice.io import atomic_write, atomic_write_json, atomic_write_text
 
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
+CONFIG = "run_config.json"
 STATE = "trainer_state.pt"
 
 T = TypeVar("T")
@@ -57,10 +62,13 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final = root / name
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
-        atomic_write(tmp / WEIGHTS, lambda p: save_file(tensors, p))
+        if hasattr(model, "save_pretrained"):  # a transformers PreTrainedModel
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+            atomic_write(tmp / WEIGHTS, lambda p: save_file(tensors, p))
         atomic_write_json(tmp / CONFIG, dict(config))
         if trainer_state is not None:
             atomic_write(tmp / STATE, lambda p: torch.save(dict(trainer_state), p))
@@ -116,7 +124,7 @@ def _read(path: Path, read: Callable[[Path], T]) -> T:
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` dict of the checkpoint at ``path`` (run or step directory)."""
+    """The ``run_config.json`` dict of the checkpoint at ``path`` (run or step directory)."""
     return _read(resolve_checkpoint(path) / CONFIG, _load_json)
 
 
@@ -141,7 +149,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load the weights of the checkpoint at ``path`` into ``model``; return its config dict.
 
-    When ``config`` is given its sections must equal the saved ``config.json``'s (see
+    When ``config`` is given its sections must equal the saved ``run_config.json``'s (see
     :func:`check_config`) except for the dotted field names in ``ignore`` (e.g.
     ``"train.log_every"``). Every check runs before the model is touched, so a failed load
     leaves it as it was.
@@ -150,10 +158,24 @@ def load_checkpoint(
     saved = _read(ckpt / CONFIG, _load_json)
     if config is not None:
         check_config(config, saved, f"checkpoint {ckpt}", ignore)
-    tensors = _read(ckpt / WEIGHTS, load_file)
+    tensors = _with_tied(model, _read(ckpt / WEIGHTS, load_file))
     check_state_dict(model.state_dict(), tensors, f"checkpoint {ckpt / WEIGHTS}")
     model.load_state_dict(tensors)
     return saved
+
+
+def _with_tied(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` plus the names of ``model`` that share storage with a name in it (tied
+    weights, which ``save_pretrained`` stores once)."""
+    aliases: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, value in model.state_dict().items():
+        if value.numel():
+            aliases.setdefault((value.data_ptr(), tuple(value.shape)), []).append(name)
+    for names in aliases.values():
+        present = [n for n in names if n in tensors]
+        for name in names if present else ():
+            tensors.setdefault(name, tensors[present[0]])
+    return tensors
 
 
 def check_state_dict(

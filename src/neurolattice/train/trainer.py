@@ -251,7 +251,7 @@ class Trainer:
         task: the data, the loss and the evaluation.
         cfg: the :class:`TrainConfig`.
         out_dir: where checkpoints and ``metrics.jsonl`` go (rank 0 writes); None: nowhere.
-        model_config: the system's config dict (model and task), saved in ``config.json`` under
+        model_config: the system's config dict (model and task), saved in ``run_config.json`` under
             ``"model"`` and checked when resuming.
     """
 
@@ -324,10 +324,13 @@ class Trainer:
         finally:
             self.model.train()
 
-    def fit(self, until: int | None = None, progress: bool = True) -> dict[str, float]:
+    def fit(self, until: int | None = None, progress: bool = True,
+            deadline: float | None = None) -> dict[str, float]:
         """Train up to step ``until`` (default: ``cfg.steps``), logging, evaluating and saving on
         the way, and save when stopping. The logged ``loss`` is the mean per target since the
-        previous log. Returns the last logged record."""
+        previous log. With ``deadline`` (a ``time.monotonic()`` time) training also stops, and
+        saves, at the first logging step past it; rank 0's clock decides for every rank, in one
+        all-reduce per logging step. Returns the last logged record."""
         cfg = self.cfg
         end = cfg.steps if until is None else min(until, cfg.steps)
         self.model.train()
@@ -356,6 +359,8 @@ class Trainer:
                 loss_sum.zero_()
                 targets.zero_()
                 clock, since = time.perf_counter(), 0
+                if deadline is not None and self._past(deadline):
+                    end = step
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 record |= {f"eval_{k}": v for k, v in self.evaluate().items()}
             if len(record) > 1:
@@ -365,6 +370,10 @@ class Trainer:
                 self.save()
         bar.close()
         return last
+
+    def _past(self, deadline: float) -> bool:
+        late = torch.tensor(int(distributed.is_main() and time.monotonic() >= deadline), device=self.device)
+        return bool(distributed.all_reduce_sum(late).item())
 
     def _log(self, record: dict[str, float]) -> None:
         if self.out_dir is not None and distributed.is_main():
