@@ -2,9 +2,8 @@
 
 Each system is a subparser and each of its commands a subparser under it, defined by a
 module with ``HELP`` (one line), ``add_arguments(parser)``, ``check(args)`` (a one-line
-``ValueError`` for bad input) and ``run(args) -> int``. Adding ``neurolattice lattice train``
-or ``neurolattice lm ...`` is one entry in :data:`SYSTEMS`. Bad input exits with status 2
-and that one line after the usage.
+``ValueError`` for bad input) and ``run(args) -> int``. Adding a command or a system is one
+entry in :data:`SYSTEMS`. Bad input exits with status 2 and that one line after the usage.
 """
 
 from __future__ import annotations
@@ -17,12 +16,17 @@ from neurolattice import __version__
 from neurolattice.lattice import bench as lattice_bench
 from neurolattice.lattice import bench_train as lattice_bench_train
 from neurolattice.lattice import commands as lattice_commands
+from neurolattice.lm import commands as lm_commands
 
 # system -> (help, {command: module or class with HELP, add_arguments, check, run})
 SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "lattice": ("the 3D lattice MoE network", {
         "train": lattice_commands.Train, "eval": lattice_commands.Eval,
         "show": lattice_commands.Show, "bench": lattice_bench, "bench-train": lattice_bench_train,
+    }),
+    "lm": ("a small decoder LM trained data-parallel", {
+        "train": lm_commands.Train, "eval": lm_commands.Eval, "sample": lm_commands.Sample,
+        # "bench": lm_bench (from neurolattice.lm import bench as lm_bench), added with that module
     }),
 }
 

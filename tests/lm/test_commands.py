@@ -1,0 +1,109 @@
+"""``neurolattice lm train | eval | sample`` on a tiny model and a folder of a few text files:
+the run's files, the time budget, resume (also from a 2-rank torchrun launch), one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from neurolattice.cli import main
+
+LM_SOURCES = Path(__file__).parents[2] / "src" / "neurolattice" / "lm"
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_size=64", "data.seq_len=32",
+        "train.batch_size=4", "train.warmup_steps=1", "train.log_every=2"]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    folder = tmp_path / "text"
+    folder.mkdir()
+    for name in ("config.py", "data.py", "model.py", "task.py"):
+        shutil.copy(LM_SOURCES / name, folder / name)
+    return folder
+
+
+def train(corpus: Path, out: Path, *extra: str, steps: int = 4) -> int:
+    return main(["lm", "train", "--data", str(corpus), "--out", str(out), *TINY, f"train.steps={steps}", *extra])
+
+
+def error(capsys, argv: list[str]) -> str:
+    """The one line that a rejected command prints after its usage (exit status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("neurolattice lm ")
+    return lines[-1].split(" error: ", 1)[1]
+
+
+def test_train_eval_sample(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert train(corpus, out) == 0
+    step = out / "step-00000004"
+    assert (out / "latest").read_text() == step.name
+    assert json.loads((out / "heldout_files.json").read_text()) == [str(corpus / "model.py")]
+    assert AutoModelForCausalLM.from_pretrained(step).config.hidden_size == 32
+
+    figures = tmp_path / "eval.json"
+    assert main(["lm", "eval", str(out), "--json", str(figures)]) == 0
+    result = json.loads(figures.read_text())
+    assert set(result) == {"bits_per_byte", "tokens"}
+    assert result["tokens"] == (corpus / "model.py").stat().st_size  # bytes 2.. and end-of-document
+    assert 0 < result["bits_per_byte"] < 9
+    assert f"held-out bits per byte: {result['bits_per_byte']:.4f}" in capsys.readouterr().out
+
+    assert main(["lm", "sample", str(step), "--prompt", "def ", "--max-new-tokens", "5", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert "--max-new-tokens 300 must fit" in error(capsys, ["lm", "sample", str(out), "--prompt", "x",
+                                                  "--max-new-tokens", "300"])
+
+
+def test_time_budget_stops_with_a_checkpoint_and_resume_finishes(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert train(corpus, out, "--max-minutes", "0", steps=6) == 0
+    assert "stopped at step 2 of 6" in capsys.readouterr().out
+    assert (out / "latest").read_text() == "step-00000002"
+    assert train(corpus, out, "--resume", steps=6) == 0
+    assert (out / "latest").read_text() == "step-00000006"
+
+
+def test_bad_input_is_one_line(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert train(corpus, out, steps=2) == 0
+    assert error(capsys, ["lm", "train", "--data", str(corpus), "--out", str(out), "--resume", *TINY,
+                          "train.steps=2", "model.d_model=64"]) == (
+        f"config field 'model.model.d_model' is 32 in checkpoint {out / 'step-00000002'} but 64 in this run")
+    assert "already holds a run" in error(capsys, ["lm", "train", "--data", str(corpus), "--out", str(out)])
+    (tmp_path / "empty").mkdir()
+    assert "holds no text files" in error(capsys, ["lm", "train", "--data", str(tmp_path / "empty"),
+                                                   "--out", str(tmp_path / "x")])
+    assert error(capsys, ["lm", "train", "--data", str(corpus), "--out", str(tmp_path / "x"),
+                          "data.seq_len=512"]) == (
+        "data.seq_len 512 exceeds the model's maximum positions model.seq_len = 256")
+    assert "unknown DataConfig key(s) ['bogus']" in error(
+        capsys, ["lm", "train", "--data", str(corpus), "--out", str(tmp_path / "x"), "data.bogus=1"])
+
+
+def test_two_rank_torchrun_stops_together_and_resumes_on_one(tmp_path, corpus):
+    """About 10 s: two ranks importing torch and transformers."""
+    from tests.train.test_ddp import free_port
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "neurolattice.cli",
+           "lm", "train", "--data", str(corpus), "--out", str(out), "--max-minutes", "0", *TINY, "train.steps=6"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("stopped at step 2 of 6") == 1  # rank 0 alone prints
+    assert train(corpus, out, "--resume", steps=6) == 0
+    assert (out / "latest").read_text() == "step-00000006"
