@@ -1,0 +1,281 @@
+"""``neurolattice lm bench``: training throughput of the LM with the shared trainer, in tokens/s
+and model FLOPs utilisation (MFU), on 1 and 2 data-parallel processes.
+
+Each (preset, processes) runs in fresh processes: one plain ``python -m neurolattice.lm.bench``
+for 1 process, a real ``python -m torch.distributed.run --standalone --nproc_per_node P`` launch
+(a free port; gloo on CPU, NCCL on CUDA) for ``P > 1``. Every rank builds the preset's model
+(seed 0), trains it with :meth:`~neurolattice.train.Trainer.train_step` on synthetic random
+tokens (no corpus is read: the throughput does not depend on the text), ``warmup`` untimed steps
+then ``steps`` timed ones (:func:`~neurolattice.bench.harness.time_ms`, median); a step's time
+is the slowest rank's median. One optimizer step is ``global_batch`` sequences of ``seq_len``
+tokens: each rank takes ``global_batch / P`` of them, in ``accum_steps`` micro-batches of
+``micro_batch`` (gradient sync on the last), as in training.
+
+Threads: on the CPU a run of ``P`` processes gives each rank ``max(1, T // P)`` torch threads
+(``torch.set_num_threads`` in the worker, and ``OMP_NUM_THREADS``), ``T`` the torch threads of
+the launching process, so the ranks together use the cores the peak is measured on; on 2 cores,
+1 process uses 2 threads and each of 2 ranks 1 thread.
+
+MFU is ``model_flops_per_token * tokens_per_s / peak``, with the FLOPs per token of
+:func:`~neurolattice.lm.model.flops_per_token` (``6 N + 12 L d T``) at the benchmark's
+``seq_len``. The peak is MEASURED, not taken from a datasheet: the best of 5 timed square
+matmuls (``--peak-size``, default 2048 on the CPU, 8192 on CUDA) in the training's compute dtype
+(fp32, or bf16 with ``--precision bf16``, the default on CUDA) in the launching process, with
+all its torch threads on the CPU. The peak of a row is that of the hardware the row used: the
+whole CPU whatever ``P`` (the ranks share its cores), ``P`` times one GPU's peak on CUDA (a
+GPU per rank). A real kernel rarely reaches the best large matmul, so MFU is a lower bound of
+how well the hardware is used, comparable between runs on the same machine.
+
+JSON (``--json``): a list of rows with the keys of :data:`ROW_KEYS`; the machine header (with
+the measured peak under ``matmul_peak``) beside it (:func:`~neurolattice.bench.report.write_results`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from neurolattice.bench.harness import machine_info, time_ms
+from neurolattice.bench.report import Column, Table, format_machine, machine_path, write_results
+from neurolattice.config import parse_overrides
+from neurolattice.io import atomic_write_json
+from neurolattice.train import TrainConfig, Trainer, distributed, seed_everything
+
+from .config import PRESETS, LMConfig
+from .data import ByteTokenizer, LMData, PackedDataset
+from .model import build_model, count_parameters, flops_per_token
+from .task import LMTask
+
+HELP = "training throughput (tokens/s) and MFU of the LM on 1 and 2 data-parallel processes"
+ROW_KEYS = ("preset", "processes", "threads_per_process", "device", "precision", "global_batch", "micro_batch",
+            "accum_steps", "seq_len", "tokens_per_step", "matmul_params", "model_flops_per_token",
+            "ms_per_step", "tokens_per_s", "achieved_tflops", "peak_tflops", "mfu", "status")
+DEFAULT_JSON = "results/lm_bench.json"
+PEAK_REPEATS = 5
+TIMEOUT_S = 1800  # default limit of one launch; a hung process group is killed whole after it
+TABLE = Table([
+    Column("preset", "preset", 6, align="<"),
+    Column("processes", "procs", 5),
+    Column("threads_per_process", "threads", 7),
+    Column("global_batch", "global batch", 12),
+    Column("micro_batch", "micro", 5),
+    Column("accum_steps", "accum/rank", 10),
+    Column("seq_len", "seq", 5),
+    Column("ms_per_step", "ms/step", 9, lambda v: f"{v:,.0f}"),
+    Column("tokens_per_s", "tokens/s", 9, lambda v: f"{v:,.0f}"),
+    Column("achieved_tflops", "TFLOP/s", 8, lambda v: f"{v:.4f}"),
+    Column("peak_tflops", "peak", 8, lambda v: f"{v:.4f}"),
+    Column("mfu", "MFU", 6, lambda v: f"{v:.1%}"),
+    Column("status", "status", 6, align="<"),
+])
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def matmul_peak(device: str, precision: str, size: int, repeats: int = PEAK_REPEATS) -> float:
+    """FLOP/s of the best of ``repeats`` timed ``size x size`` matmuls (``2 size^3`` FLOPs each)
+    in the compute dtype of ``precision``, after one warm-up, with this process's torch threads."""
+    a, b = (torch.randn(size, size, device=device, dtype=compute_dtype(precision)) for _ in range(2))
+    a @ b
+    best_ms = min(time_ms(lambda: a @ b, device=device, warmup=0, repeats=1) for _ in range(repeats))
+    return 2 * size**3 / (best_ms / 1000)
+
+
+def measure(preset: str, overrides: dict[str, Any], global_batch: int, micro_batch: int, seq_len: int,
+            steps: int, warmup: int, device: str, precision: str, threads: int | None) -> dict[str, Any]:
+    """What every rank runs (in a plain process, or under ``torchrun``): ``warmup`` then ``steps``
+    timed trainer steps of the preset's model on random tokens. Returns the model's size and the
+    slowest rank's median ``ms_per_step`` (the same on every rank)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with distributed.init_from_env(device) as dev:
+        cfg = LMConfig.preset(preset, **overrides)
+        seed_everything(0)
+        model = build_model(cfg).to(dev).train()
+        rows = torch.randint(cfg.vocab_size, (global_batch * (warmup + steps), seq_len + 1),
+                             generator=torch.Generator().manual_seed(0))
+        data = LMData(PackedDataset(rows), PackedDataset(rows[:0]), [], [], ByteTokenizer())
+        train = TrainConfig(steps=warmup + steps, batch_size=global_batch, micro_batch_size=micro_batch,
+                            warmup_steps=0, precision=precision)
+        trainer = Trainer(model, LMTask(data, cfg), train)
+        ms = time_ms(trainer.train_step, device=dev, warmup=warmup, repeats=steps)
+        return {"ms_per_step": max(distributed.all_gather_object(ms)),
+                "matmul_params": count_parameters(model)["matmul"],
+                "model_flops_per_token": flops_per_token(model, seq_len)}
+
+
+def _worker(spec_path: str, result_path: str) -> None:
+    result = measure(**json.loads(Path(spec_path).read_text()))
+    if os.environ.get("RANK", "0") == "0":  # the same result on every rank: rank 0 writes it
+        atomic_write_json(result_path, result)
+
+
+def launch(processes: int, spec: dict[str, Any], timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
+    """Run :func:`measure` with ``spec`` on ``processes`` ranks in fresh processes and return rank
+    0's result; a failure (or no result after ``timeout_s``) is a ``RuntimeError`` with the last
+    error line of the launch's output."""
+    with tempfile.TemporaryDirectory(prefix="neurolattice-lm-bench-") as tmp:
+        spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
+        spec_path.write_text(json.dumps(spec))
+        torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        cmd = [sys.executable, *(torchrun if processes > 1 else []), "-m", __name__, str(spec_path), str(result_path)]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        if spec["threads"] is not None:
+            env["OMP_NUM_THREADS"] = str(spec["threads"])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)  # its own group: a hung launch dies whole
+        try:
+            output, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            raise RuntimeError(f"no result after {timeout_s} s") from None
+        if proc.returncode != 0 or not result_path.exists():
+            lines = [line for line in output.strip().splitlines() if line.strip()]
+            why = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "no output")
+            raise RuntimeError(f"exit code {proc.returncode}: {why.strip()}")
+        return json.loads(result_path.read_text())
+
+
+def bench_rows(presets: Sequence[str], processes: Sequence[int], *, global_batch: int, micro_batch: int,
+               seq_len: int | None, steps: int, warmup: int, device: str, precision: str,
+               peak_flops: float, overrides: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """One row per (preset, processes), as soon as it is measured. ``peak_flops`` is one device's
+    measured peak (:func:`matmul_peak`); ``seq_len`` None is the model's maximum positions."""
+    overrides = overrides or {}
+    cuda = device == "cuda"
+    for preset in presets:
+        cfg = LMConfig.preset(preset, **overrides)
+        length = seq_len or cfg.seq_len
+        for p in processes:
+            threads = None if cuda else max(1, torch.get_num_threads() // p)
+            peak = peak_flops * (p if cuda else 1)
+            row = {"preset": preset, "processes": p, "threads_per_process": threads, "device": device,
+                   "precision": precision, "global_batch": global_batch, "micro_batch": micro_batch,
+                   "accum_steps": global_batch // p // micro_batch, "seq_len": length,
+                   "tokens_per_step": global_batch * length, "peak_tflops": peak / 1e12,
+                   **dict.fromkeys(("matmul_params", "model_flops_per_token", "ms_per_step", "tokens_per_s",
+                                    "achieved_tflops", "mfu"))}
+            if cuda and torch.cuda.device_count() < p:
+                row["status"] = f"skipped: {p} processes need {p} GPUs, {torch.cuda.device_count()} visible"
+                yield {k: row[k] for k in ROW_KEYS}
+                continue
+            spec = dict(preset=preset, overrides=overrides, global_batch=global_batch, micro_batch=micro_batch,
+                        seq_len=length, steps=steps, warmup=warmup, device=device, precision=precision,
+                        threads=threads)
+            try:
+                result = launch(p, spec)
+            except RuntimeError as err:
+                row["status"] = f"failed: {err}"
+                yield {k: row[k] for k in ROW_KEYS}
+                continue
+            tokens_per_s = row["tokens_per_step"] / (result["ms_per_step"] / 1000)
+            achieved = result["model_flops_per_token"] * tokens_per_s
+            row |= result | {"tokens_per_s": tokens_per_s, "achieved_tflops": achieved / 1e12,
+                             "mfu": achieved / peak, "status": "ok"}
+            yield {k: row[k] for k in ROW_KEYS}
+
+
+def default_peak_size(device: str) -> int:
+    return 8192 if device == "cuda" else 2048
+
+
+def resolved_precision(args: argparse.Namespace) -> str:
+    if args.precision != "auto":
+        return args.precision
+    return "bf16" if args.device == "cuda" else "fp32"
+
+
+def run(args: argparse.Namespace) -> int:
+    precision = resolved_precision(args)
+    size = args.peak_size or default_peak_size(args.device)
+    overrides = parse_overrides(args.overrides, ("model",)).get("model", {})
+    machine = machine_info(args.device)
+    print(format_machine(machine))
+    peak = matmul_peak(args.device, precision, size)
+    where = "one GPU" if args.device == "cuda" else f"{torch.get_num_threads()} torch threads"
+    machine["matmul_peak"] = {"tflops": peak / 1e12, "dtype": str(compute_dtype(precision)), "size": size,
+                              "repeats": PEAK_REPEATS, "torch_threads": torch.get_num_threads()}
+    print(f"measured peak: {peak / 1e12:.4f} TFLOP/s (best of {PEAK_REPEATS} {precision} {size}x{size} "
+          f"matmuls, {where})")
+    print(f"{args.steps} timed steps after {args.warmup} warm-up; synthetic random tokens; "
+          f"model overrides {overrides or 'none'}\n")
+    print(TABLE.header())
+    rows: list[dict[str, Any]] = []
+    runs = bench_rows(args.presets, args.processes, global_batch=args.batch_size, micro_batch=args.micro_batch_size,
+                      seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, device=args.device,
+                      precision=precision, peak_flops=peak, overrides=overrides)
+    for row in tqdm(runs, total=len(args.presets) * len(args.processes), desc="lm bench", unit="run",
+                    disable=None, leave=False):
+        rows.append(row)
+        tqdm.write(TABLE.row(row))
+        write_results(args.json, rows, machine)
+    print(f"\nwrote {args.json} and {machine_path(args.json)}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--presets", nargs="+", default=["tiny"], choices=list(PRESETS),
+                        help="model presets (default %(default)s)")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
+                        help="data-parallel process counts (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="global batch: sequences per optimizer step over all ranks (default %(default)s)")
+    parser.add_argument("--micro-batch-size", type=int, default=4,
+                        help="sequences per forward/backward (default %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default: the preset's seq_len)")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="compute dtype of training and of the peak (auto: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help="side of the peak's square matmul (default 2048 on cpu, 8192 on cuda)")
+    parser.add_argument("--json", default=DEFAULT_JSON, help="rows written here as a JSON list (default %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE",
+                        help="LMConfig overrides on top of every preset, e.g. model.n_layers=2")
+
+
+def check(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "micro_batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("seq_len", "peak_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if min(args.processes) < 1:
+        raise ValueError(f"--processes must be >= 1, got {args.processes}")
+    for p in args.processes:
+        if args.batch_size % (p * args.micro_batch_size):
+            raise ValueError(f"--batch-size {args.batch_size} must split into {p} processes x micro-batches of "
+                             f"{args.micro_batch_size}, i.e. be a multiple of {p * args.micro_batch_size}")
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (rank r takes GPU r), got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} asked for, but torch.cuda.is_available() is False")
+    overrides = parse_overrides(args.overrides, ("model",)).get("model", {})
+    for preset in args.presets:
+        cfg = LMConfig.preset(preset, **overrides)
+        if args.seq_len is not None and args.seq_len > cfg.seq_len:
+            raise ValueError(f"--seq-len {args.seq_len} exceeds the maximum positions of preset {preset!r} "
+                             f"({cfg.seq_len}); raise it with model.seq_len={args.seq_len}")
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])
