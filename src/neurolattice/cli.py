@@ -16,6 +16,7 @@ from neurolattice import __version__
 from neurolattice.lattice import bench as lattice_bench
 from neurolattice.lattice import bench_train as lattice_bench_train
 from neurolattice.lattice import commands as lattice_commands
+from neurolattice.lm import bench as lm_bench
 from neurolattice.lm import commands as lm_commands
 
 # system -> (help, {command: module or class with HELP, add_arguments, check, run})
@@ -26,7 +27,7 @@ SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     }),
     "lm": ("a small decoder LM trained data-parallel", {
         "train": lm_commands.Train, "eval": lm_commands.Eval, "sample": lm_commands.Sample,
-        # "bench": lm_bench (from neurolattice.lm import bench as lm_bench), added with that module
+        "bench": lm_bench,
     }),
 }
 
