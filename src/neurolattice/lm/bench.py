@@ -102,19 +102,27 @@ def measure(preset: str, overrides: dict[str, Any], global_batch: int, micro_bat
     if threads is not None:
         torch.set_num_threads(threads)
     with distributed.init_from_env(device) as dev:
-        cfg = LMConfig.preset(preset, **overrides)
-        seed_everything(0)
-        model = build_model(cfg).to(dev).train()
-        rows = torch.randint(cfg.vocab_size, (global_batch * (warmup + steps), seq_len + 1),
-                             generator=torch.Generator().manual_seed(0))
-        data = LMData(PackedDataset(rows), PackedDataset(rows[:0]), [], [], ByteTokenizer())
-        train = TrainConfig(steps=warmup + steps, batch_size=global_batch, micro_batch_size=micro_batch,
-                            warmup_steps=0, precision=precision)
-        trainer = Trainer(model, LMTask(data, cfg), train)
-        ms = time_ms(trainer.train_step, device=dev, warmup=warmup, repeats=steps)
-        return {"ms_per_step": max(distributed.all_gather_object(ms)),
-                "matmul_params": count_parameters(model)["matmul"],
-                "model_flops_per_token": flops_per_token(model, seq_len)}
+        # The trainer and its DDP wrapper are freed when _time_steps returns, while the group
+        # lives: a DDP reducer left as the group's last owner after destroy_process_group joins
+        # gloo's threads holding the GIL and can deadlock.
+        return _time_steps(LMConfig.preset(preset, **overrides), global_batch, micro_batch, seq_len, steps,
+                           warmup, dev, precision)
+
+
+def _time_steps(cfg: LMConfig, global_batch: int, micro_batch: int, seq_len: int, steps: int, warmup: int,
+                device: torch.device, precision: str) -> dict[str, Any]:
+    seed_everything(0)
+    model = build_model(cfg).to(device).train()
+    rows = torch.randint(cfg.vocab_size, (global_batch * (warmup + steps), seq_len + 1),
+                         generator=torch.Generator().manual_seed(0))  # (n, T + 1) random tokens
+    data = LMData(PackedDataset(rows), PackedDataset(rows[:0]), [], [], ByteTokenizer())
+    train = TrainConfig(steps=warmup + steps, batch_size=global_batch, micro_batch_size=micro_batch,
+                        warmup_steps=0, precision=precision)
+    trainer = Trainer(model, LMTask(data, cfg), train)
+    ms = time_ms(trainer.train_step, device=device, warmup=warmup, repeats=steps)
+    return {"ms_per_step": max(distributed.all_gather_object(ms)),
+            "matmul_params": count_parameters(model)["matmul"],
+            "model_flops_per_token": flops_per_token(model, seq_len)}
 
 
 def _worker(spec_path: str, result_path: str) -> None:
