@@ -18,16 +18,18 @@ the launching process, so the ranks together use the cores the peak is measured 
 
 MFU is ``model_flops_per_token * tokens_per_s / peak``, with the FLOPs per token of
 :func:`~neurolattice.lm.model.flops_per_token` (``6 N + 12 L d T``) at the benchmark's
-``seq_len``. The peak is MEASURED, not taken from a datasheet: the best of 5 timed square
+``seq_len``. The peak is MEASURED, not taken from a datasheet: the best of 10 timed square
 matmuls (``--peak-size``, default 2048 on the CPU, 8192 on CUDA) in the training's compute dtype
 (fp32, or bf16 with ``--precision bf16``, the default on CUDA) in the launching process, with
-all its torch threads on the CPU. The peak of a row is that of the hardware the row used: the
+all its torch threads on the CPU, measured again just before each row's launch: on a shared or
+virtual machine the attainable FLOP/s drift by tens of percent within minutes, and a row is
+best compared with the peak of its own moment. The peak of a row is that of the hardware the row used: the
 whole CPU whatever ``P`` (the ranks share its cores), ``P`` times one GPU's peak on CUDA (a
 GPU per rank). A real kernel rarely reaches the best large matmul, so MFU is a lower bound of
 how well the hardware is used, comparable between runs on the same machine.
 
 JSON (``--json``): a list of rows with the keys of :data:`ROW_KEYS`; the machine header (with
-the measured peak under ``matmul_peak``) beside it (:func:`~neurolattice.bench.report.write_results`).
+how the peak is measured under ``matmul_peak``) beside it (:func:`~neurolattice.bench.report.write_results`).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ ROW_KEYS = ("preset", "processes", "threads_per_process", "device", "precision",
             "accum_steps", "seq_len", "tokens_per_step", "matmul_params", "model_flops_per_token",
             "ms_per_step", "tokens_per_s", "achieved_tflops", "peak_tflops", "mfu", "status")
 DEFAULT_JSON = "results/lm_bench.json"
-PEAK_REPEATS = 5
+PEAK_REPEATS = 10
 TIMEOUT_S = 1800  # default limit of one launch; a hung process group is killed whole after it
 TABLE = Table([
     Column("preset", "preset", 6, align="<"),
@@ -160,9 +162,10 @@ def launch(processes: int, spec: dict[str, Any], timeout_s: float = TIMEOUT_S) -
 
 def bench_rows(presets: Sequence[str], processes: Sequence[int], *, global_batch: int, micro_batch: int,
                seq_len: int | None, steps: int, warmup: int, device: str, precision: str,
-               peak_flops: float, overrides: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """One row per (preset, processes), as soon as it is measured. ``peak_flops`` is one device's
-    measured peak (:func:`matmul_peak`); ``seq_len`` None is the model's maximum positions."""
+               peak_size: int, overrides: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """One row per (preset, processes), as soon as it is measured, each with the peak measured
+    just before it (:func:`matmul_peak` of side ``peak_size``); ``seq_len`` None is the model's
+    maximum positions."""
     overrides = overrides or {}
     cuda = device == "cuda"
     for preset in presets:
@@ -170,7 +173,7 @@ def bench_rows(presets: Sequence[str], processes: Sequence[int], *, global_batch
         length = seq_len or cfg.seq_len
         for p in processes:
             threads = None if cuda else max(1, torch.get_num_threads() // p)
-            peak = peak_flops * (p if cuda else 1)
+            peak = matmul_peak(device, precision, peak_size) * (p if cuda else 1)
             row = {"preset": preset, "processes": p, "threads_per_process": threads, "device": device,
                    "precision": precision, "global_batch": global_batch, "micro_batch": micro_batch,
                    "accum_steps": global_batch // p // micro_batch, "seq_len": length,
@@ -213,19 +216,17 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides, ("model",)).get("model", {})
     machine = machine_info(args.device)
     print(format_machine(machine))
-    peak = matmul_peak(args.device, precision, size)
-    where = "one GPU" if args.device == "cuda" else f"{torch.get_num_threads()} torch threads"
-    machine["matmul_peak"] = {"tflops": peak / 1e12, "dtype": str(compute_dtype(precision)), "size": size,
-                              "repeats": PEAK_REPEATS, "torch_threads": torch.get_num_threads()}
-    print(f"measured peak: {peak / 1e12:.4f} TFLOP/s (best of {PEAK_REPEATS} {precision} {size}x{size} "
-          f"matmuls, {where})")
+    machine["matmul_peak"] = {"dtype": str(compute_dtype(precision)), "size": size, "repeats": PEAK_REPEATS,
+                              "torch_threads": torch.get_num_threads(), "when": "before each row"}
+    where = "one GPU, times the processes" if args.device == "cuda" else f"{torch.get_num_threads()} torch threads"
+    print(f"peak: best of {PEAK_REPEATS} {precision} {size}x{size} matmuls ({where}), measured before each row")
     print(f"{args.steps} timed steps after {args.warmup} warm-up; synthetic random tokens; "
           f"model overrides {overrides or 'none'}\n")
     print(TABLE.header())
     rows: list[dict[str, Any]] = []
     runs = bench_rows(args.presets, args.processes, global_batch=args.batch_size, micro_batch=args.micro_batch_size,
                       seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, device=args.device,
-                      precision=precision, peak_flops=peak, overrides=overrides)
+                      precision=precision, peak_size=size, overrides=overrides)
     for row in tqdm(runs, total=len(args.presets) * len(args.processes), desc="lm bench", unit="run",
                     disable=None, leave=False):
         rows.append(row)
