@@ -154,29 +154,35 @@ class Train:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
-        lm, data, train = args.configs
-        out = Path(args.out)
         with distributed.init_from_env() as device:
-            seed_everything(train.seed)
-            model = build_model(lm).to(device)
-            try:  # the batch split over the ranks, the resumed run's config
-                trainer = Trainer(model, args.task, train, out_dir=out, model_config=run_config(lm, data))
-                if args.resume:
-                    trainer.resume()
-            except ValueError as err:
-                args.command_parser.error(str(err))
-            if distributed.is_main():
-                atomic_write_json(out / HELDOUT_FILES, args.task.data.heldout_files)
-            record = trainer.fit(deadline=deadline)
-            if distributed.is_main():
-                if trainer.step < train.steps:
-                    print(f"stopped at step {trainer.step} of {train.steps}: --max-minutes {args.max_minutes} ran out")
-                if "eval_bpb" in record:
-                    print(f"held-out bits per byte: {record['eval_bpb']:.4f}")
-                print(f"checkpoint: {resolve_checkpoint(out)}")
-                print(f"next: neurolattice lm eval {out}   |   neurolattice lm sample {out} --prompt TEXT")
+            # In a function of its own, so the trainer and its DDP wrapper are freed before the
+            # process group is destroyed (freeing them after can hang gloo at exit).
+            _train(args, device)
         return 0
+
+
+def _train(args: argparse.Namespace, device: torch.device) -> None:
+    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+    lm, data, train = args.configs
+    out = Path(args.out)
+    seed_everything(train.seed)
+    model = build_model(lm).to(device)
+    try:  # the batch split over the ranks, the resumed run's config
+        trainer = Trainer(model, args.task, train, out_dir=out, model_config=run_config(lm, data))
+        if args.resume:
+            trainer.resume()
+    except ValueError as err:
+        args.command_parser.error(str(err))
+    if distributed.is_main():
+        atomic_write_json(out / HELDOUT_FILES, args.task.data.heldout_files)
+    record = trainer.fit(deadline=deadline)
+    if distributed.is_main():
+        if trainer.step < train.steps:
+            print(f"stopped at step {trainer.step} of {train.steps}: --max-minutes {args.max_minutes} ran out")
+        if "eval_bpb" in record:
+            print(f"held-out bits per byte: {record['eval_bpb']:.4f}")
+        print(f"checkpoint: {resolve_checkpoint(out)}")
+        print(f"next: neurolattice lm eval {out}   |   neurolattice lm sample {out} --prompt TEXT")
 
 
 class Eval:
