@@ -3,12 +3,13 @@ trainer and saves its parameters. Run without torchrun it is a plain single proc
 
     python -m torch.distributed.run --nproc_per_node 2 tests/train/ddp_worker.py '<jobs as JSON>'
 
-Each job is ``{"out": dir, "until": step or null, "resume": bool, "dropout": p}``: a fresh
-model and :class:`Trainer` (checkpoints and ``metrics.jsonl`` in ``out``), resumed from ``out``
-if asked, fitted to ``until`` (``fit`` saves when it stops). Rank 0 then writes to
-``out/result.pt`` the parameters, the steps it ran and how many backward passes all-reduced the
-gradients (counted by a DDP communication hook). Every rank checks first that its parameters
-equal rank 0's bit for bit, which is what DDP's synchronised steps promise.
+Each job is ``{"out": dir, "until": step or null, "resume": bool, "dropout": p, "lm": bool}``:
+a fresh model (``lm``: the LM system's Llama, shrunk) and :class:`Trainer` (checkpoints and
+``metrics.jsonl`` in ``out``), resumed from ``out`` if asked, fitted to ``until`` (``fit``
+saves when it stops). Rank 0 then writes to ``out/result.pt`` the parameters, the steps it ran
+and how many backward passes all-reduced the gradients (counted by a DDP communication hook).
+Every rank checks first that its parameters equal rank 0's bit for bit, which is what DDP's
+synchronised steps promise.
 """
 
 from __future__ import annotations
@@ -63,14 +64,33 @@ class TinyLM(nn.Module):
         return self.head(self.drop(torch.tanh(self.emb(tokens).cumsum(1))))  # (B, T, VOCAB)
 
 
+class LMTokens(Tokens):
+    """The same data for a Hugging Face causal LM (logits in ``.logits``)."""
+
+    def loss_sum(self, model, batch, grad_checkpointing=False):
+        logits = model(input_ids=batch[0]).logits  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(), reduction="sum")
+
+
 def model(dropout: float = 0.0) -> TinyLM:
     torch.manual_seed(1)
     return TinyLM(dropout)
 
 
+def lm_model() -> nn.Module:
+    """The LM system's model (``neurolattice.lm``), shrunk to one small layer."""
+    from neurolattice.lm import LMConfig, build_model
+
+    torch.manual_seed(1)
+    return build_model(LMConfig.preset("tiny", d_model=16, n_layers=1, n_heads=2, ffn_size=32, seq_len=SEQ))
+
+
 def run(job: dict) -> None:
     out = Path(job["out"])
-    trainer = Trainer(model(job.get("dropout", 0.0)), Tokens(), CONFIG, out_dir=out)
+    if job.get("lm"):
+        trainer = Trainer(lm_model(), LMTokens(), CONFIG, out_dir=out)
+    else:
+        trainer = Trainer(model(job.get("dropout", 0.0)), Tokens(), CONFIG, out_dir=out)
     if job.get("resume"):
         trainer.resume()
     start, reduced = trainer.step, []

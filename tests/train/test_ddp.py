@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from neurolattice.train import distributed
 
-from .ddp_worker import main, model
+from .ddp_worker import lm_model, main, model
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TIMEOUT_S = 120
@@ -65,13 +65,14 @@ def runs(tmp_path_factory) -> Path:
         return {"out": str(root / name), **kw}
 
     launch(2, [job("2x2"), job("2x2-stop", until=1),
-               job("2x2-dropout", dropout=0.3), job("2x2-dropout-stop", until=1, dropout=0.3)])
+               job("2x2-dropout", dropout=0.3), job("2x2-dropout-stop", until=1, dropout=0.3),
+               job("lm-2x2", lm=True)])
     for name in ("1x4-resume", "2x2-resume", "4x1-resume"):
         shutil.copytree(root / "2x2-stop", root / name)
     shutil.copytree(root / "2x2-dropout-stop", root / "2x2-dropout-resume")
-    launch(4, [job("4x1"), job("4x1-resume", resume=True)])
+    launch(4, [job("4x1"), job("4x1-resume", resume=True), job("lm-4x1", lm=True)])
     launch(2, [job("2x2-resume", resume=True), job("2x2-dropout-resume", resume=True, dropout=0.3)])
-    main([job("1x4"), job("1x4-resume", resume=True)])  # in this process: no process group
+    main([job("1x4"), job("1x4-resume", resume=True), job("lm-1x4", lm=True)])  # here: no process group
     return root
 
 
@@ -95,6 +96,14 @@ def test_ranks_times_micro_batches_do_not_change_the_result(runs):
     assert one["emb.weight"].dtype == torch.float32
     assert max_diff(one, model().state_dict()) > 1e-2  # the steps moved the parameters
     for name in ("2x2", "4x1"):
+        assert max_diff(params(runs, name), one) <= 1e-5, name
+
+
+def test_the_lm_gives_the_same_parameters_on_any_split(runs):
+    """The same for the LM system's model (a Hugging Face Llama, float32)."""
+    one = params(runs, "lm-1x4")
+    assert max_diff(one, lm_model().state_dict()) > 1e-3  # the steps moved the parameters
+    for name in ("lm-2x2", "lm-4x1"):
         assert max_diff(params(runs, name), one) <= 1e-5, name
 
 
