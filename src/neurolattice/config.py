@@ -71,3 +71,19 @@ def parse_overrides(pairs: list[str], sections: tuple[str, ...]) -> dict[str, di
             raise ValueError(f"unknown config section {section!r} in {pair!r}; expected one of {list(sections)}")
         out.setdefault(section, {})[name] = parse_value(raw.strip())
     return out
+
+
+def sections_help(classes: dict[str, type], defaults: dict[str, dict[str, Any]],
+                  skip: tuple[str, ...] = (), note: str = "") -> str:
+    """The keys a TOML file or ``SECTION.KEY=VALUE`` may set, one line each with its default
+    (``defaults[section]`` over the dataclass's) and help, generated from the dataclasses
+    ``classes`` (``{section: cls}``); ``skip`` lists ``section.key`` names not to offer."""
+    tables = ", ".join(f"[{s}]" for s in classes)
+    lines = [f"config keys (TOML tables {tables}, or SECTION.KEY=VALUE{'; ' + note if note else ''}):"]
+    for section, cls in classes.items():
+        for f in dataclasses.fields(cls):
+            if f"{section}.{f.name}" in skip:
+                continue
+            default = defaults.get(section, {}).get(f.name, f.default)
+            lines.append(f"  {section}.{f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -7,9 +7,9 @@ Each command has the shape :mod:`neurolattice.cli` expects: ``HELP``, ``add_argu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
+from neurolattice.config import sections_help
 from neurolattice.io import atomic_write_json
 from neurolattice.train import TrainConfig, resolve_checkpoint
 
@@ -20,15 +20,9 @@ from .model import LatticeModelConfig
 
 def config_help() -> str:
     """The keys a TOML file or ``SECTION.KEY=VALUE`` may set, generated from the dataclasses."""
-    classes = {"model": LatticeModelConfig, "lattice": LatticeConfig, "train": TrainConfig}
-    lines = ["config keys (TOML tables [model], [lattice], [train], or SECTION.KEY=VALUE):"]
-    for section, cls in classes.items():
-        for f in dataclasses.fields(cls):
-            if section == "model" and f.name in ("lattice", *experiment.SET_BY_DATA):
-                continue
-            default = experiment.DEFAULTS[section].get(f.name, f.default)
-            lines.append(f"  {section}.{f.name} = {default!r}: {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+    return sections_help({"model": LatticeModelConfig, "lattice": LatticeConfig, "train": TrainConfig},
+                         experiment.DEFAULTS,
+                         skip=tuple(f"model.{k}" for k in ("lattice", *experiment.SET_BY_DATA)))
 
 
 def _json_arg(parser: argparse.ArgumentParser) -> None:

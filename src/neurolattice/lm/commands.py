@@ -15,7 +15,6 @@ Each command has the shape :mod:`neurolattice.cli` expects: ``HELP``, ``add_argu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,14 @@ from typing import Any
 
 import torch
 
-from neurolattice.config import config_from_dict, config_to_dict, load_toml, merge_sections, parse_overrides
+from neurolattice.config import (
+    config_from_dict,
+    config_to_dict,
+    load_toml,
+    merge_sections,
+    parse_overrides,
+    sections_help,
+)
 from neurolattice.io import atomic_write_json
 from neurolattice.train import (
     TrainConfig,
@@ -113,14 +119,8 @@ def load_run(path: str | Path) -> tuple[LMConfig, DataConfig, torch.nn.Module]:
 
 def config_help() -> str:
     """The keys a TOML file or ``SECTION.KEY=VALUE`` may set, generated from the dataclasses."""
-    classes = {"model": LMConfig, "data": DataConfig, "train": TrainConfig}
-    lines = ["config keys (TOML tables [model], [data], [train], or SECTION.KEY=VALUE;",
-             "model defaults are the tiny preset's):"]
-    for section, cls in classes.items():
-        for f in dataclasses.fields(cls):
-            default = DEFAULTS.get(section, {}).get(f.name, f.default)
-            lines.append(f"  {section}.{f.name} = {default!r}: {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+    return sections_help({"model": LMConfig, "data": DataConfig, "train": TrainConfig}, DEFAULTS,
+                         note="model defaults are the tiny preset's")
 
 
 class Train:
