@@ -50,11 +50,7 @@ class LMTask(Task):
                  grad_checkpointing: bool = False) -> torch.Tensor:
         inputs, labels = batch
         inner = getattr(model, "module", model)  # the model inside a DDP wrapper
-        if inner.is_gradient_checkpointing != grad_checkpointing:
-            if grad_checkpointing:
-                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                inner.gradient_checkpointing_disable()
+        _set_checkpointing(inner, grad_checkpointing)
         logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
@@ -75,3 +71,20 @@ class LMTask(Task):
             nbytes += byte_lengths[valid].sum()
         nats, targets, nbytes = nats.item(), targets.item(), nbytes.item()
         return {"loss": nats / max(targets, 1), "bpb": nats / (math.log(2) * max(nbytes, 1))}
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn a Hugging Face model's activation checkpointing on or off (transformers 5 calls it
+    "activation checkpointing", 4 "gradient checkpointing")."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "is_activation_checkpointing"):
+        if model.is_activation_checkpointing != on:
+            if on:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.activation_checkpointing_disable()
+    elif model.is_gradient_checkpointing != on:
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_disable()
