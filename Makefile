@@ -34,6 +34,7 @@ test-all: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(VENV)/bin/neurolattice lattice bench
 	$(VENV)/bin/neurolattice lattice bench-train
+	$(VENV)/bin/neurolattice lm bench
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests
