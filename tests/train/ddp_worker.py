@@ -3,10 +3,12 @@ trainer and saves its parameters. Run without torchrun it is a plain single proc
 
     python -m torch.distributed.run --nproc_per_node 2 tests/train/ddp_worker.py '<jobs as JSON>'
 
-Each job is ``{"out": dir, "until": step or null, "resume": bool, "dropout": p, "lm": bool}``:
-a fresh model (``lm``: the LM system's Llama, shrunk) and :class:`Trainer` (checkpoints and
-``metrics.jsonl`` in ``out``), resumed from ``out`` if asked, fitted to ``until`` (``fit``
-saves when it stops). Rank 0 then writes to ``out/result.pt`` the parameters, the steps it ran
+Each job is ``{"out": dir, "until": step or null, "resume": bool, "dropout": p, "lm": bool,
+"kill_after": k}``: a fresh model (``lm``: the LM system's Llama, shrunk) and :class:`Trainer`
+(checkpoints and ``metrics.jsonl`` in ``out``), resumed from ``out`` if asked, fitted to
+``until`` (``fit`` saves when it stops). With ``kill_after`` it checkpoints every step and
+every rank SIGKILLs itself in step ``k + 1``, after the optimizer update and before the save.
+Rank 0 then writes to ``out/result.pt`` the parameters, the steps it ran
 and how many backward passes all-reduced the gradients (counted by a DDP communication hook).
 Every rank checks first that its parameters equal rank 0's bit for bit, which is what DDP's
 synchronised steps promise.
@@ -14,7 +16,10 @@ synchronised steps promise.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -91,6 +96,17 @@ def run(job: dict) -> None:
         trainer = Trainer(lm_model(), LMTokens(), CONFIG, out_dir=out)
     else:
         trainer = Trainer(model(job.get("dropout", 0.0)), Tokens(), CONFIG, out_dir=out)
+    if job.get("kill_after") is not None:
+        trainer.cfg = dataclasses.replace(CONFIG, checkpoint_every=1)
+        train_step = trainer.train_step
+
+        def killed_in_step(k=job["kill_after"]):
+            out = train_step()
+            if trainer.step == k + 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+
+        trainer.train_step = killed_in_step
     if job.get("resume"):
         trainer.resume()
     start, reduced = trainer.step, []

@@ -38,8 +38,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, jobs: list[dict]) -> None:
-    """Run the worker's ``jobs`` under ``torchrun`` on ``nproc`` CPU ranks; fail with its output."""
+def launch(nproc: int, jobs: list[dict], killed: bool = False) -> None:
+    """Run the worker's ``jobs`` under ``torchrun`` on ``nproc`` CPU ranks; fail with its output
+    if it fails, or, with ``killed``, unless it fails (its workers killed themselves)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), json.dumps(jobs)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -52,7 +53,7 @@ def launch(nproc: int, jobs: list[dict]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         pytest.fail(f"torchrun x{nproc} did not finish in {TIMEOUT_S} s; its output:\n{output[-12000:]}")
-    if proc.returncode != 0:
+    if (proc.returncode != 0) != killed:
         pytest.fail(f"torchrun x{nproc} exited with {proc.returncode}; its output:\n{output[-12000:]}")
 
 
@@ -72,6 +73,8 @@ def runs(tmp_path_factory) -> Path:
     shutil.copytree(root / "2x2-dropout-stop", root / "2x2-dropout-resume")
     launch(4, [job("4x1"), job("4x1-resume", resume=True), job("lm-4x1", lm=True)])
     launch(2, [job("2x2-resume", resume=True), job("2x2-dropout-resume", resume=True, dropout=0.3)])
+    launch(2, [job("2x2-killed", kill_after=1)], killed=True)
+    launch(2, [job("2x2-killed", resume=True)])
     main([job("1x4"), job("1x4-resume", resume=True), job("lm-1x4", lm=True)])  # here: no process group
     return root
 
@@ -114,6 +117,13 @@ def test_gradients_are_all_reduced_on_the_last_micro_batch_of_a_step_only(runs, 
     assert run["steps"] == (2 if "resume" in name else 3)
     assert run["synced_backwards"] == run["steps"]
     assert result(runs, "1x4")["synced_backwards"] == 0  # one process: no DDP at all
+
+
+def test_a_killed_run_resumed_in_a_fresh_launch_ends_as_the_uninterrupted_one(runs):
+    """2 ranks SIGKILLed during step 2 (after step 1's checkpoint, before step 2's): the
+    relaunch resumes from step 1 and ends exactly where the uninterrupted run ends."""
+    assert result(runs, "2x2-killed")["steps"] == 2          # the relaunch ran steps 2 and 3
+    assert max_diff(params(runs, "2x2-killed"), params(runs, "2x2")) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["1x4-resume", "2x2-resume", "4x1-resume", "2x2-dropout-resume"])
