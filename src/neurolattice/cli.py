@@ -9,38 +9,47 @@ entry in :data:`SYSTEMS`. Bad input exits with status 2 and that one line after 
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from neurolattice import __version__
-from neurolattice.lattice import bench as lattice_bench
-from neurolattice.lattice import bench_train as lattice_bench_train
-from neurolattice.lattice import commands as lattice_commands
-from neurolattice.lm import bench as lm_bench
-from neurolattice.lm import commands as lm_commands
 
-# system -> (help, {command: module or class with HELP, add_arguments, check, run})
-SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
+# system -> (help, {command: "module" or "module:attribute", a thing with HELP, add_arguments,
+# check and run}). Only the invoked system's commands are imported: the LM's pull in
+# transformers, which the lattice's commands do not need.
+SYSTEMS: dict[str, tuple[str, dict[str, str]]] = {
     "lattice": ("the 3D lattice MoE network", {
-        "train": lattice_commands.Train, "eval": lattice_commands.Eval,
-        "show": lattice_commands.Show, "bench": lattice_bench, "bench-train": lattice_bench_train,
+        "train": "neurolattice.lattice.commands:Train", "eval": "neurolattice.lattice.commands:Eval",
+        "show": "neurolattice.lattice.commands:Show", "bench": "neurolattice.lattice.bench",
+        "bench-train": "neurolattice.lattice.bench_train",
     }),
     "lm": ("a small decoder LM trained data-parallel", {
-        "train": lm_commands.Train, "eval": lm_commands.Eval, "sample": lm_commands.Sample,
-        "bench": lm_bench,
+        "train": "neurolattice.lm.commands:Train", "eval": "neurolattice.lm.commands:Eval",
+        "sample": "neurolattice.lm.commands:Sample", "bench": "neurolattice.lm.bench",
     }),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def load_command(target: str) -> Any:
+    """The command object named by ``"module"`` or ``"module:attribute"``."""
+    module, _, attribute = target.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attribute) if attribute else loaded
+
+
+def build_parser(system: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the commands of ``system`` (the one being invoked) loaded."""
     parser = argparse.ArgumentParser(prog="neurolattice", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     systems = parser.add_subparsers(dest="system", required=True, metavar="SYSTEM")
-    for system, (system_help, commands) in SYSTEMS.items():
-        system_parser = systems.add_parser(system, help=system_help, description=system_help)
+    for name, (system_help, commands) in SYSTEMS.items():
+        system_parser = systems.add_parser(name, help=system_help, description=system_help)
         subparsers = system_parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-        for name, module in commands.items():
-            command = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        for command_name, target in commands.items() if name == system else ():
+            module = load_command(target)
+            command = subparsers.add_parser(command_name, help=module.HELP, description=module.HELP)
             module.add_arguments(command)
             command.set_defaults(command_module=module, command_parser=command)
     return parser
@@ -48,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neurolattice`` script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    system = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(system).parse_args(argv)
     try:
         args.command_module.check(args)
     except ValueError as err:
