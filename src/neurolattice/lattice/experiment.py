@@ -26,7 +26,7 @@ from neurolattice.train import (
 
 from .config import LatticeConfig
 from .model import LatticeModel, LatticeModelConfig
-from .tasks import Dataset, LatticeTask, baselines, load_digits, load_npz, predict, score
+from .tasks import Dataset, LatticeTask, baselines, held_out, load_digits, load_npz
 
 SECTIONS = ("model", "lattice", "train")
 # The default experiment (digits). Every value can be overridden by a TOML file with these
@@ -109,13 +109,13 @@ def load_run(path: str | Path) -> tuple[Experiment, LatticeModel, LatticeModel |
     except (KeyError, TypeError) as err:
         raise ValueError(f"{ckpt} is not a lattice model checkpoint (run_config.json lacks {err})") from None
     exp = Experiment(load_data(spec), spec, model_cfg, train_cfg)
-    model = LatticeModel(model_cfg)
+    model = LatticeModel(model_cfg).eval()
     load_checkpoint(ckpt, model)
     baseline = None
     if (run_dir / "T0" / "latest").exists():
-        baseline = LatticeModel(dataclasses.replace(model_cfg, steps=0))
+        baseline = LatticeModel(dataclasses.replace(model_cfg, steps=0)).eval()
         load_checkpoint(run_dir / "T0", baseline)
-    return exp, model.eval(), baseline if baseline is None else baseline.eval()
+    return exp, model, baseline
 
 
 def primary_metric(task: str) -> str:
@@ -125,10 +125,9 @@ def primary_metric(task: str) -> str:
 def summarize(data: Dataset, model: LatticeModel, baseline: LatticeModel | None) -> dict[str, Any]:
     """Held-out figures: the model's (``accuracy`` and ``ci95``, or ``mse`` and ``r2``), the
     ``T = 0`` baseline's primary metric (``accuracy_T0`` / ``r2_T0``) and scikit-learn's."""
-    result: dict[str, Any] = score(predict(model, data.x_test), data.y_test, data.task)
+    result: dict[str, Any] = held_out(model, data)
     key = primary_metric(data.task)
-    result[f"{key}_T0"] = None if baseline is None else score(
-        predict(baseline, data.x_test), data.y_test, data.task)[key]
+    result[f"{key}_T0"] = None if baseline is None else held_out(baseline, data)[key]
     result["baselines"] = baselines(data)
     result["test_samples"] = len(data.y_test)
     return result
@@ -153,4 +152,4 @@ def format_summary(data: Dataset, result: dict[str, Any], steps: int) -> str:
 def accuracy_by_steps(data: Dataset, model: LatticeModel, steps: list[int]) -> list[float]:
     """The trained model's held-out primary metric when run for each number of steps."""
     key = primary_metric(data.task)
-    return [score(predict(model, data.x_test, steps=t), data.y_test, data.task)[key] for t in steps]
+    return [held_out(model, data, steps=t)[key] for t in steps]

@@ -134,10 +134,10 @@ def shifted(xp: torch.Tensor, pad: tuple[int, int, int], offset: Offset,
     return xp[:, px + dx: px + dx + X, py + dy: py + dy + Y, pz + dz: pz + dz + Z]
 
 
-def tier_sums(xp: torch.Tensor, geometry: LatticeGeometry, tiers: tuple[int, ...],
+def tier_sums(xp: torch.Tensor, geometry: LatticeGeometry,
               dims: tuple[int, int, int] | None = None) -> list[torch.Tensor]:
-    """Sum over each tier's neighbours, ``[B, X, Y, Z, C]`` each, from ``xp`` padded by
-    ``geometry.pad``. ``dims`` (default ``geometry.dims``) is the block of cells ``xp`` pads.
+    """Sums over the local, functional and distant neighbours, ``[B, X, Y, Z, C]`` each, from
+    ``xp`` padded by ``geometry.pad``. ``dims`` (default ``geometry.dims``) is the block of cells ``xp`` pads.
 
     Streams over z-runs: ``window`` holds sums of ``n`` consecutive z-cells of ``xp``, grown
     one cell at a time, and every run of length ``n`` adds one shifted view of it. Memory:
@@ -145,14 +145,14 @@ def tier_sums(xp: torch.Tensor, geometry: LatticeGeometry, tiers: tuple[int, ...
     """
     dims = dims or geometry.dims
     shape = (*xp.shape[:1], *dims, xp.shape[-1])
-    out = [xp.new_zeros(shape) for _ in tiers]
-    lengths = sorted({n for t in tiers for n in geometry.runs[t]})
+    out = [xp.new_zeros(shape) for _ in TIERS]
+    lengths = sorted({n for runs in geometry.runs for n in runs})
     window, n_have = xp, 1
     for n in lengths:
         while n_have < n:
             window = window[:, :, :, :-1] + xp[:, :, :, n_have:]
             n_have += 1
-        for k, t in enumerate(tiers):
-            for run in geometry.runs[t].get(n, ()):
-                out[k].add_(shifted(window, geometry.pad, run, dims))
+        for total, runs in zip(out, geometry.runs):
+            for run in runs.get(n, ()):
+                total.add_(shifted(window, geometry.pad, run, dims))
     return out

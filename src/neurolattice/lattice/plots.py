@@ -14,7 +14,7 @@ from neurolattice.train.plots import training_curves  # noqa: E402
 
 from .experiment import Experiment, accuracy_by_steps, primary_metric  # noqa: E402
 from .model import LatticeModel  # noqa: E402
-from .tasks import predict, score  # noqa: E402
+from .tasks import held_out  # noqa: E402
 
 TIERS = ("local", "functional", "distant")
 
@@ -84,8 +84,7 @@ def show(exp: Experiment, model: LatticeModel, baseline: LatticeModel | None, ru
         model(exp.data.x_test[:64], trace=trace)
     baseline_value = None
     if baseline is not None:
-        baseline_value = score(predict(baseline, exp.data.x_test), exp.data.y_test,
-                               exp.data.task)[primary_metric(exp.data.task)]
+        baseline_value = held_out(baseline, exp.data)[primary_metric(exp.data.task)]
     key = primary_metric(exp.data.task)
     curves = training_curves(run_dir / "metrics.jsonl", out / "training_curves.png", key, f"held-out {key}")
     paths = [curves, metric_by_steps(exp, model, baseline_value, out)]

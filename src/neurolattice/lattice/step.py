@@ -59,7 +59,7 @@ class LatticeMoE(nn.Module):
         # Neighbour counts per tier and, for an open boundary, where functional offsets are
         # valid: pure functions of the geometry, computed once, moved (and cast) with the module.
         ones = torch.ones(1, *config.dims, 1)
-        counts = tier_sums(pad_lattice(ones, self.geometry.pad, config.boundary), self.geometry, (0, 1, 2))
+        counts = tier_sums(pad_lattice(ones, self.geometry.pad, config.boundary), self.geometry)
         self.register_buffer("counts", torch.cat(counts, dim=-1)[0], persistent=False)   # (X, Y, Z, 3)
         bias = None
         if config.boundary == "open":   # additive score mask: 0 inside, -inf in the padding
@@ -89,7 +89,7 @@ class LatticeMoE(nn.Module):
         x = shifted(xb, pad, (0, 0, 0), dims)                                   # (B, sx, Y, Z, S)
         counts = self.counts[x0:x1]                                             # (sx, Y, Z, 3)
         has_tier = counts > 0
-        sum_local, sum_functional, sum_distant = tier_sums(xb, geometry, (0, 1, 2), dims)
+        sum_local, sum_functional, sum_distant = tier_sums(xb, geometry, dims)
         mean_local = sum_local / counts[..., 0:1].clamp_min(1)
         mean_distant = sum_distant / counts[..., 2:3].clamp_min(1)
         mean_all = (sum_local + sum_functional + sum_distant) / counts.sum(-1, keepdim=True).clamp_min(1)

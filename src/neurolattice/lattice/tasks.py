@@ -130,6 +130,11 @@ def score(outputs: torch.Tensor, y: torch.Tensor, task: str) -> dict[str, float]
     return {"mse": mse, "r2": 1.0 - mse / float(((y - y.mean(0)) ** 2).mean())}
 
 
+def held_out(model: LatticeModel, data: Dataset, steps: int | None = None) -> dict[str, float]:
+    """:func:`score` of ``model`` (run for ``steps``, default its own ``T``) on ``data``'s test split."""
+    return score(predict(model, data.x_test, steps=steps), data.y_test, data.task)
+
+
 class LatticeTask(Task):
     """Supervised learning on a :class:`Dataset` for the shared trainer: cross-entropy for
     classification, squared error for regression; a target is a sample (classification) or
@@ -150,7 +155,7 @@ class LatticeTask(Task):
         return F.mse_loss(out, y, reduction="sum")
 
     def evaluate(self, model) -> dict[str, float]:
-        metrics = score(predict(model, self.data.x_test), self.data.y_test, self.data.task)
+        metrics = held_out(model, self.data)
         return {k: v for k, v in metrics.items() if k != "ci95"}
 
 
