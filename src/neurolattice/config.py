@@ -73,6 +73,15 @@ def parse_overrides(pairs: list[str], sections: tuple[str, ...]) -> dict[str, di
     return out
 
 
+def layered_config(sections: tuple[str, ...], defaults: dict[str, dict[str, Any]], config_file: str | None,
+                   overrides: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """``defaults``, then the TOML ``config_file``, then the ``SECTION.KEY=VALUE`` ``overrides``
+    (later wins). Returns the merged sections and what the user set (file and overrides)."""
+    user = merge_sections(sections, load_toml(config_file) if config_file else {},
+                          parse_overrides(list(overrides), sections))
+    return merge_sections(sections, defaults, user), user
+
+
 def sections_help(classes: dict[str, type], defaults: dict[str, dict[str, Any]],
                   skip: tuple[str, ...] = (), note: str = "") -> str:
     """The keys a TOML file or ``SECTION.KEY=VALUE`` may set, one line each with its default

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from neurolattice.config import load_toml, merge_sections, parse_overrides
+from neurolattice.config import layered_config
 from neurolattice.train import (
     TrainConfig,
     Trainer,
@@ -60,9 +60,7 @@ def build_experiment(data_path: str | None = None, config_file: str | None = Non
     the ``SECTION.KEY=VALUE`` overrides. Unknown keys are one-line ``ValueError``s."""
     spec = {"task": "digits"} if data_path is None else {"path": str(Path(data_path).resolve())}
     data = load_data(spec)
-    user = merge_sections(SECTIONS, load_toml(config_file) if config_file else {},
-                          parse_overrides(list(overrides), SECTIONS))
-    layers = merge_sections(SECTIONS, DEFAULTS, user)
+    layers, user = layered_config(SECTIONS, DEFAULTS, config_file, overrides)
     fixed = sorted(set(SET_BY_DATA) & set(layers["model"]))
     if fixed:
         raise ValueError(f"model keys {fixed} are set by the data, not by the config")

@@ -22,14 +22,7 @@ from typing import Any
 
 import torch
 
-from neurolattice.config import (
-    config_from_dict,
-    config_to_dict,
-    load_toml,
-    merge_sections,
-    parse_overrides,
-    sections_help,
-)
+from neurolattice.config import config_from_dict, config_to_dict, layered_config, sections_help
 from neurolattice.io import atomic_write_json
 from neurolattice.train import (
     TrainConfig,
@@ -82,9 +75,7 @@ def build_configs(preset: str, data_dir: str | None = None, config_file: str | N
     """The preset, :data:`DEFAULTS`, the TOML file, then the overrides (later wins); ``data_dir``
     sets ``data.folder``. Unknown keys and a ``data.seq_len`` above ``model.seq_len`` are
     one-line ``ValueError``s."""
-    user = merge_sections(SECTIONS, load_toml(config_file) if config_file else {},
-                          parse_overrides(list(overrides), SECTIONS))
-    layers = merge_sections(SECTIONS, DEFAULTS, user)
+    layers, user = layered_config(SECTIONS, DEFAULTS, config_file, overrides)
     lm = LMConfig.preset(preset, **layers["model"])
     if data_dir is not None:
         layers["data"]["folder"] = data_dir
