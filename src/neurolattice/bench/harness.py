@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -144,28 +145,44 @@ def _peak_rss_bytes() -> int:
 
 
 def run_isolated(target: str, kwargs: dict[str, Any], *, device: str = "cpu",
-                 imports: Sequence[str] = (), threads: int | None = None) -> dict[str, Any]:
+                 imports: Sequence[str] = (), threads: int | None = None, processes: int = 1,
+                 timeout_s: float | None = None) -> dict[str, Any]:
     """Call ``target`` (``"package.module:function"``) with JSON-able ``kwargs`` in a fresh
     Python process and return its result (a JSON-able dict) with ``peak_mem_bytes`` added.
 
     ``imports`` are modules loaded before the memory baseline, so their import cost is not
     counted (e.g. an optional library the function imports lazily). ``device`` picks how
     memory is measured (see the module docstring); ``threads`` sets
-    ``torch.set_num_threads`` there (torch's default if None). Raises ``RuntimeError`` with the
-    worker's last stderr line if it fails (killed for memory included).
+    ``torch.set_num_threads`` (and ``OMP_NUM_THREADS``) there (torch's default if None).
+    ``processes > 1`` runs ``target`` on that many ranks of a real
+    ``python -m torch.distributed.run --standalone`` launch (the target joins the group, e.g.
+    with :func:`neurolattice.train.distributed.init_from_env`); rank 0's result is returned.
+    Raises ``RuntimeError`` with the launch's last error line if it fails (killed for memory
+    included), or if it has not finished after ``timeout_s`` (its whole process group killed).
     """
     spec = {"target": target, "kwargs": kwargs, "device": device, "imports": list(imports),
             "threads": threads}
     with tempfile.TemporaryDirectory(prefix="neurolattice-bench-") as tmp:
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run(
-            [sys.executable, "-m", "neurolattice.bench.harness", str(spec_path), str(result_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
+        torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        cmd = [sys.executable, *(torchrun if processes > 1 else []), "-m", "neurolattice.bench.harness",
+               str(spec_path), str(result_path)]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # its own group: a hung launch dies whole
+        try:
+            _, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RuntimeError(f"{target} gave no result after {timeout_s} s") from None
         if proc.returncode != 0 or not result_path.exists():
-            lines = proc.stderr.strip().splitlines()
-            why = lines[-1] if lines else "no error message"
+            lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+            last = lines[-1] if lines else "no error message"
+            why = next((line for line in reversed(lines) if "Error" in line), last)
             raise RuntimeError(f"{target} failed (exit code {proc.returncode}): {why}")
         return json.loads(result_path.read_text())
 
@@ -188,7 +205,8 @@ def _worker(spec_path: str, result_path: str) -> None:
         baseline = _current_rss_bytes()
     result = func(**spec["kwargs"])
     peak = torch.cuda.max_memory_allocated(dev) if cuda else _peak_rss_bytes()
-    atomic_write_json(result_path, {**result, "peak_mem_bytes": max(0, peak - baseline)})
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        atomic_write_json(result_path, {**result, "peak_mem_bytes": max(0, peak - baseline)})
 
 
 if __name__ == "__main__":

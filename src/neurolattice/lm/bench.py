@@ -1,8 +1,8 @@
 """``neurolattice lm bench``: training throughput of the LM with the shared trainer, in tokens/s
 and model FLOPs utilisation (MFU), on 1 and 2 data-parallel processes.
 
-Each (preset, processes) runs in fresh processes: one plain ``python -m neurolattice.lm.bench``
-for 1 process, a real ``python -m torch.distributed.run --standalone --nproc_per_node P`` launch
+Each (preset, processes) runs in fresh processes (:func:`~neurolattice.bench.harness.run_isolated`):
+one plain process for 1, a real ``python -m torch.distributed.run --standalone --nproc_per_node P`` launch
 (a free port; gloo on CPU, NCCL on CUDA) for ``P > 1``. Every rank builds the preset's model
 (seed 0), trains it with :meth:`~neurolattice.train.Trainer.train_step` on synthetic random
 tokens (no corpus is read: the throughput does not depend on the text), ``warmup`` untimed steps
@@ -35,23 +35,15 @@ how the peak is measured under ``matmul_peak``) beside it (:func:`~neurolattice.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from neurolattice.bench.harness import machine_info, time_ms
+from neurolattice.bench.harness import machine_info, run_isolated, time_ms
 from neurolattice.bench.report import Column, Table, format_machine, machine_path, write_results
 from neurolattice.config import parse_overrides
-from neurolattice.io import atomic_write_json
 from neurolattice.train import TrainConfig, Trainer, distributed, seed_everything
 
 from .config import PRESETS, LMConfig
@@ -97,12 +89,10 @@ def matmul_peak(device: str, precision: str, size: int, repeats: int = PEAK_REPE
 
 
 def measure(preset: str, overrides: dict[str, Any], global_batch: int, micro_batch: int, seq_len: int,
-            steps: int, warmup: int, device: str, precision: str, threads: int | None) -> dict[str, Any]:
+            steps: int, warmup: int, device: str, precision: str) -> dict[str, Any]:
     """What every rank runs (in a plain process, or under ``torchrun``): ``warmup`` then ``steps``
     timed trainer steps of the preset's model on random tokens. Returns the model's size and the
     slowest rank's median ``ms_per_step`` (the same on every rank)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
     with distributed.init_from_env(device) as dev:
         # The trainer and its DDP wrapper are freed when _time_steps returns, while the group
         # lives: a DDP reducer left as the group's last owner after destroy_process_group joins
@@ -125,39 +115,6 @@ def _time_steps(cfg: LMConfig, global_batch: int, micro_batch: int, seq_len: int
     return {"ms_per_step": max(distributed.all_gather_object(ms)),
             "matmul_params": count_parameters(model)["matmul"],
             "model_flops_per_token": flops_per_token(model, seq_len)}
-
-
-def _worker(spec_path: str, result_path: str) -> None:
-    result = measure(**json.loads(Path(spec_path).read_text()))
-    if os.environ.get("RANK", "0") == "0":  # the same result on every rank: rank 0 writes it
-        atomic_write_json(result_path, result)
-
-
-def launch(processes: int, spec: dict[str, Any], timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
-    """Run :func:`measure` with ``spec`` on ``processes`` ranks in fresh processes and return rank
-    0's result; a failure (or no result after ``timeout_s``) is a ``RuntimeError`` with the last
-    error line of the launch's output."""
-    with tempfile.TemporaryDirectory(prefix="neurolattice-lm-bench-") as tmp:
-        spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
-        spec_path.write_text(json.dumps(spec))
-        torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-        cmd = [sys.executable, *(torchrun if processes > 1 else []), "-m", __name__, str(spec_path), str(result_path)]
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        if spec["threads"] is not None:
-            env["OMP_NUM_THREADS"] = str(spec["threads"])
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)  # its own group: a hung launch dies whole
-        try:
-            output, _ = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            raise RuntimeError(f"no result after {timeout_s} s") from None
-        if proc.returncode != 0 or not result_path.exists():
-            lines = [line for line in output.strip().splitlines() if line.strip()]
-            why = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "no output")
-            raise RuntimeError(f"exit code {proc.returncode}: {why.strip()}")
-        return json.loads(result_path.read_text())
 
 
 def bench_rows(presets: Sequence[str], processes: Sequence[int], *, global_batch: int, micro_batch: int,
@@ -185,17 +142,18 @@ def bench_rows(presets: Sequence[str], processes: Sequence[int], *, global_batch
                 yield {k: row[k] for k in ROW_KEYS}
                 continue
             spec = dict(preset=preset, overrides=overrides, global_batch=global_batch, micro_batch=micro_batch,
-                        seq_len=length, steps=steps, warmup=warmup, device=device, precision=precision,
-                        threads=threads)
+                        seq_len=length, steps=steps, warmup=warmup, device=device, precision=precision)
             try:
-                result = launch(p, spec)
+                result = run_isolated(f"{__name__}:measure", spec, device=device, threads=threads, processes=p,
+                                      timeout_s=TIMEOUT_S)
             except RuntimeError as err:
                 row["status"] = f"failed: {err}"
                 yield {k: row[k] for k in ROW_KEYS}
                 continue
             tokens_per_s = row["tokens_per_step"] / (result["ms_per_step"] / 1000)
             achieved = result["model_flops_per_token"] * tokens_per_s
-            row |= result | {"tokens_per_s": tokens_per_s, "achieved_tflops": achieved / 1e12,
+            row |= {k: result[k] for k in ("ms_per_step", "matmul_params", "model_flops_per_token")} | {
+                "tokens_per_s": tokens_per_s, "achieved_tflops": achieved / 1e12,
                              "mfu": achieved / peak, "status": "ok"}
             yield {k: row[k] for k in ROW_KEYS}
 
@@ -285,6 +243,3 @@ def check(args: argparse.Namespace) -> None:
             raise ValueError(f"--seq-len {args.seq_len} exceeds the maximum positions of preset {preset!r} "
                              f"({cfg.seq_len}); raise it with model.seq_len={args.seq_len}")
 
-
-if __name__ == "__main__":
-    _worker(*sys.argv[1:])
