@@ -29,6 +29,15 @@ SYSTEMS: dict[str, tuple[str, dict[str, str]]] = {
         "train": "neurolattice.lm.commands:Train", "eval": "neurolattice.lm.commands:Eval",
         "sample": "neurolattice.lm.commands:Sample", "bench": "neurolattice.lm.bench",
     }),
+    "bem": ("routed low-rank adapters (BEM) for Hugging Face causal LMs", {
+        "train": "neurolattice.bem.commands:Train", "eval": "neurolattice.bem.commands:Eval",
+        "generate": "neurolattice.bem.commands:Generate", "experiment": "neurolattice.bem.experiment",
+        "bench": "neurolattice.bem.bench",
+    }),
+    "neurograph": ("the discrete phase-signal graph", {
+        "train": "neurolattice.neurograph.commands:Train", "eval": "neurolattice.neurograph.commands:Eval",
+        "show": "neurolattice.neurograph.commands:Show", "bench": "neurolattice.neurograph.bench",
+    }),
 }
 
 

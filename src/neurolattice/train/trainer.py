@@ -134,6 +134,12 @@ class Task(abc.ABC):
         ranks ``model`` is the DDP wrapper: call it (its forward prepares the gradient sync); the
         module itself is ``model.module``."""
 
+    def lr_scales(self, model: nn.Module) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name prefix (``{"bem_controller.": 3.0}``): a
+        trainable parameter gets the scale of the longest prefix of its name that is listed, else
+        1. The default: every parameter at the config's ``lr``."""
+        return {}
+
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out metrics; the model is in eval mode, under ``torch.no_grad()``. Called on
         every rank (a task may shard the work and all-reduce); rank 0 logs the result."""
@@ -193,6 +199,17 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = min((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps), 1.0)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: nn.Module, lr_scales: dict[str, float], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: matrices (dim >= 2) decay, vectors do not; each at its ``lr_scales`` lr."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            prefix = max((k for k in lr_scales if name.startswith(k)), key=len, default=None)
+            groups.setdefault((p.dim() >= 2, lr_scales.get(prefix, 1.0)), []).append(p)
+    return [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
+            for (decay, scale), params in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1]))]
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -277,10 +294,8 @@ class Trainer:
                              f"{self.rank_batch}) is not a multiple of micro_batch_size {self.micro_batch}")
         seed_everything(cfg.seed + distributed.rank())
         self.ddp_model = distributed.wrap(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        self.optimizer = torch.optim.AdamW(_param_groups(model, task.lr_scales(model), cfg), lr=cfg.lr,
+                                           betas=cfg.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.sampler = EpochSampler(len(task.train_data), cfg.seed)
         self.step = 0
