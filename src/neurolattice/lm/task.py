@@ -11,7 +11,7 @@ from torch import nn
 from neurolattice.train import Task
 
 from .config import LMConfig
-from .data import IGNORE, LMData
+from .data import IGNORE, LMData, PackedDataset
 
 
 class LMTask(Task):
@@ -55,22 +55,31 @@ class LMTask(Task):
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        heldout = self.data.heldout
-        if len(heldout) == 0:
-            return {}
-        device = next(model.parameters()).device
-        byte_lengths = self.byte_lengths.to(device)
-        nats = torch.zeros((), dtype=torch.float64, device=device)
-        targets = torch.zeros((), dtype=torch.long, device=device)
-        nbytes = torch.zeros((), dtype=torch.long, device=device)
-        for start in range(0, len(heldout), self.eval_batch_size):
-            inputs, labels = (t.to(device) for t in heldout[start:start + self.eval_batch_size])
-            nats += self.loss_sum(model, (inputs, labels)).double()
-            valid = labels[labels != IGNORE]
-            targets += len(valid)
-            nbytes += byte_lengths[valid].sum()
-        nats, targets, nbytes = nats.item(), targets.item(), nbytes.item()
-        return {"loss": nats / max(targets, 1), "bpb": nats / (math.log(2) * max(nbytes, 1))}
+        return heldout_loss(model, self.data.heldout, self.byte_lengths, self.eval_batch_size)
+
+
+def heldout_loss(model: nn.Module, rows: PackedDataset, byte_lengths: torch.Tensor,
+                 batch_size: int = 32) -> dict[str, float]:
+    """``{"loss": nats per target, "bpb": bits per byte}`` of ``model`` on the packed ``rows``
+    (see :class:`LMTask`; ``byte_lengths[id]`` is the bytes of text token ``id`` stands for);
+    ``{}`` for no rows. One host sync, at the end."""
+    if len(rows) == 0:
+        return {}
+    device = next(model.parameters()).device
+    byte_lengths = byte_lengths.to(device)
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    targets = torch.zeros((), dtype=torch.long, device=device)
+    nbytes = torch.zeros((), dtype=torch.long, device=device)
+    for start in range(0, len(rows), batch_size):
+        inputs, labels = (t.to(device) for t in rows[start:start + batch_size])
+        logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
+        nats += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                reduction="sum").double()
+        valid = labels[labels != IGNORE]
+        targets += len(valid)
+        nbytes += byte_lengths[valid].sum()
+    nats, targets, nbytes = nats.item(), targets.item(), nbytes.item()
+    return {"loss": nats / max(targets, 1), "bpb": nats / (math.log(2) * max(nbytes, 1))}
 
 
 def _set_checkpointing(model: nn.Module, on: bool) -> None:
