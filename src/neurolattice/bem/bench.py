@@ -1,0 +1,230 @@
+"""``neurolattice bem bench``: what routing costs over a static LoRA.
+
+One process builds the base model (the LM system's ``--preset``, random weights, its maximum
+positions raised to fit the longest sequence) and, on copies of it, every method:
+
+* ``base``: the model alone;
+* ``lora``: PEFT's static LoRA (rank ``r``, unmerged) on the modules BEM attaches to;
+* ``bem-token`` / ``bem-chunk`` / ``bem-prefix``: BEM at each routing level, controller included;
+* ``xlora``: PEFT's X-LoRA over two such LoRAs (its routing classifier runs a scaling pass, a
+  second forward), where it runs.
+
+For each ``(batch, seq)`` of ``--configs`` it times a prefill (a forward over the whole batch,
+no cache) and, at batch 1, per-token decoding: a 128-token prompt is prefilled into the KV
+cache, then ``--decode-tokens`` single-token forwards are timed and divided by their number.
+Timings are medians over ``--repeats`` rounds, the methods interleaved within each round so a
+drifting machine hurts them alike; ``vs_lora`` is the time over the static LoRA's. Peak memory
+of a prefill is measured per method in a fresh process
+(:func:`~neurolattice.bench.harness.run_isolated`: RSS growth on the CPU, the allocator's peak on
+CUDA).
+
+JSON (``--json``): rows with the keys of :data:`ROW_KEYS`, the machine header beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from neurolattice.bench.harness import machine_info, run_isolated, synchronize
+from neurolattice.bench.report import Column, Table, format_bytes, format_machine, machine_path, write_results
+from neurolattice.lm.config import PRESETS, LMConfig
+from neurolattice.lm.model import build_model
+
+from .attach import attach
+from .config import TABLES, BEMConfig
+
+HELP = "prefill and per-token decode latency and peak memory: base vs static LoRA (PEFT) vs BEM vs X-LoRA"
+METHODS = ("base", "lora", "bem-token", "bem-chunk", "bem-prefix", "xlora")
+CONFIGS = ((1, 128), (4, 256), (8, 512), (2, 2048))
+PROMPT = 128  # tokens prefilled before the timed decode steps
+ROW_KEYS = ("method", "phase", "batch", "seq", "ms", "tokens_per_s", "vs_lora", "peak_mem_bytes", "status")
+DEFAULT_JSON = "results/bem_bench.json"
+TABLE = Table([
+    Column("method", "method", 10, align="<"), Column("phase", "phase", 7, align="<"),
+    Column("batch", "batch", 5), Column("seq", "seq", 5), Column("ms", "ms", 9, lambda v: f"{v:.2f}"),
+    Column("tokens_per_s", "tokens/s", 9, lambda v: f"{v:,.0f}"),
+    Column("vs_lora", "vs lora", 7, lambda v: f"{v:.3f}x"),
+    Column("peak_mem_bytes", "peak mem", 9, format_bytes), Column("status", "status", 6, align="<"),
+])
+
+
+def base_model(preset: str, max_positions: int, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = LMConfig.preset(preset, seq_len=max(PRESETS[preset]["seq_len"], max_positions))
+    return build_model(cfg).to(device).eval()
+
+
+def build(method: str, base: nn.Module, rank: int, adapter_dir: str) -> nn.Module:
+    """A copy of ``base`` with ``method``'s adapters (random, non-zero), in eval mode."""
+    from peft import LoraConfig, XLoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = copy.deepcopy(base)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(TABLES["llama"]),
+                      init_lora_weights=False)
+    if method == "base":
+        return model
+    if method == "lora":
+        return get_peft_model(model, lora).eval()
+    if method.startswith("bem-"):
+        return attach(model, BEMConfig(rank=rank, alpha=2.0 * rank, level=method.removeprefix("bem-"))).eval()
+    if method == "xlora":
+        paths = {}
+        for i in range(2):
+            get_peft_model(copy.deepcopy(base), lora).save_pretrained(f"{adapter_dir}/expert{i}")
+            paths[str(i)] = f"{adapter_dir}/expert{i}"
+        model.config.use_cache = False
+        return get_peft_model(model, XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size,
+                                                 adapters=paths)).eval()
+    raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+
+
+def _nothing() -> None:
+    pass
+
+
+def prefill(model: nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
+    return lambda: model(input_ids=ids, use_cache=False)
+
+
+def decode(model: nn.Module, prompt: torch.Tensor, tokens: int) -> Callable[[], Any]:
+    """``tokens`` greedy single-token steps after ``prompt`` is in the KV cache; the prefill is
+    the function's ``setup``, redone (untimed) before each call."""
+    state: dict[str, Any] = {}
+
+    def setup() -> None:
+        out = model(input_ids=prompt, use_cache=True)
+        state["cache"], state["next"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def steps() -> None:
+        cache, nxt = state["cache"], state["next"]
+        for _ in range(tokens):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    steps.setup = setup
+    return steps
+
+
+def timed_rounds(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, float]:
+    """Median ms of each function over ``repeats`` rounds (one warm-up round), interleaved; a
+    function's ``setup`` attribute, if any, runs untimed before each call."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats + 1):
+        for name, fn in fns.items():
+            getattr(fn, "setup", _nothing)()
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if r:
+                times[name].append(1000 * (time.perf_counter() - start))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def measure_memory(method: str, preset: str, batch: int, seq: int, rank: int, device: str) -> dict[str, Any]:
+    """One prefill of ``method`` (runs inside :func:`run_isolated`, which adds the peak)."""
+    base = base_model(preset, seq, device)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        model = build(method, base, rank, tmp)
+        del base
+        prefill(model, torch.randint(0, 256, (batch, seq), device=device))()
+    return {}
+
+
+def run_bench(preset: str, configs: list[tuple[int, int]], methods: list[str], rank: int, repeats: int,
+              decode_tokens: int, device: str, memory: bool,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    longest = max([s for _, s in configs] + [PROMPT + decode_tokens])
+    base = base_model(preset, longest, device)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        models, status = {}, {}
+        for method in methods:
+            try:
+                models[method] = build(method, base, rank, tmp)
+            except Exception as err:  # a peer that does not run here: say why, go on
+                status[method] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+        phases = [("prefill", b, s) for b, s in configs] + ([("decode", 1, PROMPT)] if decode_tokens else [])
+        for phase, batch, seq in tqdm(phases, desc="bem bench", unit="config", disable=None, leave=False):
+            torch.manual_seed(2)
+            ids = torch.randint(0, 256, (batch, seq), device=device)
+            fns = {}
+            for method, model in models.items():
+                fn = prefill(model, ids) if phase == "prefill" else decode(model, ids, decode_tokens)
+                try:  # a first call, which also warms up
+                    getattr(fn, "setup", _nothing)()
+                    fn()
+                    fns[method] = fn
+                except Exception as err:
+                    status[(method, phase)] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+            ms = timed_rounds(fns, repeats, device)
+            per = decode_tokens if phase == "decode" else 1
+            for method in methods:
+                why = status.get(method) or status.get((method, phase))
+                row = {"method": method, "phase": phase, "batch": batch, "seq": seq, "ms": None,
+                       "tokens_per_s": None, "vs_lora": None, "peak_mem_bytes": None, "status": why or "ok"}
+                if method in ms:
+                    row["ms"] = ms[method] / per
+                    row["tokens_per_s"] = batch * (1 if phase == "decode" else seq) * 1000 / row["ms"]
+                    row["vs_lora"] = ms[method] / ms["lora"] if "lora" in ms else None
+                    if memory and phase == "prefill":
+                        row["peak_mem_bytes"] = run_isolated(
+                            f"{__name__}:measure_memory", {"method": method, "preset": preset, "batch": batch,
+                                                           "seq": seq, "rank": rank, "device": device},
+                            device=device, imports=["transformers", "peft"])["peak_mem_bytes"]
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="small", choices=list(PRESETS), help="base model size (default: small)")
+    parser.add_argument("--configs", nargs="+", default=[f"{b}x{s}" for b, s in CONFIGS], metavar="BxT",
+                        help="prefill (batch x seq) configs (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all")
+    parser.add_argument("--rank", type=int, default=8, help="adapter rank (default: 8)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default: 5)")
+    parser.add_argument("--decode-tokens", type=int, default=32,
+                        help="decode steps timed after a 128-token prompt, 0: no decode row (default: 32)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (fresh processes)")
+    parser.add_argument("--json", default=DEFAULT_JSON, help="rows written here (default %(default)s)")
+
+
+def check(args: argparse.Namespace) -> None:
+    try:
+        args.configs = [tuple(int(v) for v in c.lower().split("x")) for c in args.configs]
+    except ValueError:
+        raise ValueError(f"--configs must be BxT pairs such as 4x256, got {args.configs}") from None
+    if any(len(c) != 2 or min(c) < 1 for c in args.configs):
+        raise ValueError(f"--configs must be BxT pairs of positive integers, got {args.configs}")
+    for name in ("rank", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.decode_tokens < 0:
+        raise ValueError(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} asked for, but torch.cuda.is_available() is False")
+
+
+def run(args: argparse.Namespace) -> int:
+    machine = machine_info(args.device)
+    print(format_machine(machine), end="\n\n")
+    print(f"base: the LM system's {args.preset} preset; adapters of rank {args.rank}")
+    print(TABLE.header())
+    rows = run_bench(args.preset, args.configs, args.methods, args.rank, args.repeats, args.decode_tokens,
+                     args.device, not args.no_memory, on_row=lambda row: print(TABLE.row(row), flush=True))
+    path = write_results(args.json, rows, machine)
+    print(f"\nrows: {path}; machine: {machine_path(path)}")
+    return 0

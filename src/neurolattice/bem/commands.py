@@ -1,0 +1,234 @@
+"""``neurolattice bem train | eval | generate``: fine-tune BEM on a base LM, score it per
+domain, continue a prompt with it.
+
+The base model is an LM trained by the LM system (``neurolattice lm train``: a run directory
+or one of its step directories). A BEM run directory (``--out``) holds step directories whose
+``model.safetensors`` has the BEM tensors only (controller, U, V) and whose
+``run_config.json`` names the base (its path and :func:`~neurolattice.bem.train.base_fingerprint`):
+loading adapters onto another base model is refused with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neurolattice.config import config_from_dict, config_to_dict, layered_config, sections_help
+from neurolattice.io import atomic_write_json
+from neurolattice.lm.commands import load_run as load_lm_run
+from neurolattice.lm.data import ByteTokenizer
+from neurolattice.train import (
+    TrainConfig,
+    Trainer,
+    distributed,
+    load_checkpoint,
+    read_config,
+    resolve_checkpoint,
+    seed_everything,
+)
+
+from .attach import detach
+from .config import BEMConfig
+from .data import DOMAINS, DomainDataConfig, load_domain_data
+from .train import BEMModel, BEMTask, TaskConfig, base_fingerprint
+
+SECTIONS = ("bem", "data", "task", "train")
+# Fine-tuning defaults (a few minutes on a CPU for the LM system's tiny preset).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"steps": 300, "batch_size": 16, "lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.0,
+              "eval_every": 100, "checkpoint_every": 100, "log_every": 10},
+}
+
+
+@dataclass
+class Base:
+    """A base LM of the LM system, loaded: where from, its fingerprint, the model (eval, CPU)."""
+
+    path: str
+    fingerprint: str
+    model: torch.nn.Module
+    seq_len: int
+    eod_id: int
+    heldout_fraction: float
+    seed: int
+
+    @classmethod
+    def load(cls, path: str | Path) -> Base:
+        lm, data, model = load_lm_run(path)
+        return cls(str(resolve_checkpoint(path).resolve()), base_fingerprint(model), model, lm.seq_len,
+                   lm.eod_id, data.heldout_fraction, data.seed)
+
+    def record(self) -> dict[str, Any]:
+        return {"path": self.path, "fingerprint": self.fingerprint}
+
+
+def build_configs(config_file: str | None = None, overrides: list[str] = ()
+                  ) -> tuple[BEMConfig, DomainDataConfig, TaskConfig, TrainConfig]:
+    """:data:`DEFAULTS`, the TOML file, then the overrides (later wins); unknown keys are
+    one-line ``ValueError``s."""
+    layers, _ = layered_config(SECTIONS, DEFAULTS, config_file, overrides)
+    return (config_from_dict(BEMConfig, layers["bem"]), config_from_dict(DomainDataConfig, layers["data"]),
+            config_from_dict(TaskConfig, layers["task"]), TrainConfig.from_dict(layers["train"]))
+
+
+def load_bem_run(path: str | Path, base_path: str | None = None
+                 ) -> tuple[dict[str, Any], Base, BEMModel, BEMTask]:
+    """A BEM checkpoint on its base model (``base_path``, default: the one it was trained on):
+    the saved config, the base, the model (eval mode) and the task with its held-out data."""
+    ckpt = resolve_checkpoint(path)
+    saved = read_config(ckpt).get("model", {})
+    if not {"base", "bem", "data", "task"} <= saved.keys():
+        raise ValueError(f"{ckpt} is not a BEM checkpoint (its run_config.json has no base/bem/data/task)")
+    base = Base.load(base_path or saved["base"]["path"])
+    if base.fingerprint != saved["base"]["fingerprint"]:
+        raise ValueError(f"{ckpt} holds adapters for another base model: fingerprint {saved['base']['fingerprint']} "
+                         f"({saved['base']['path']}), but {base.path} is {base.fingerprint}")
+    bem = config_from_dict(BEMConfig, saved["bem"])
+    data = config_from_dict(DomainDataConfig, saved["data"])
+    task_cfg = config_from_dict(TaskConfig, saved["task"])
+    model = BEMModel(base.model, bem)
+    load_checkpoint(ckpt, model)
+    task = BEMTask(load_domain_data(data, data.seq_len or base.seq_len, base.heldout_fraction, base.seed),
+                   bem, task_cfg)
+    return saved, base, model.eval(), task
+
+
+def config_help() -> str:
+    return sections_help({"bem": BEMConfig, "data": DomainDataConfig, "task": TaskConfig, "train": TrainConfig},
+                         DEFAULTS)
+
+
+class Train:
+    HELP = "fine-tune BEM on a base LM over the two-domain mix (Python source + CPython docs prose)"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = config_help()
+        parser.add_argument("--base", required=True, metavar="CKPT",
+                            help="base LM: a run or step directory of `neurolattice lm train`")
+        parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [bem], [data], [task], [train]")
+        parser.add_argument("--out", default="runs/bem", help="run directory (default: %(default)s)")
+        parser.add_argument("--max-minutes", type=float, metavar="M",
+                            help="stop, with a checkpoint, at the first logging step after M minutes")
+        parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+        parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+
+    @staticmethod
+    def check(args: argparse.Namespace) -> None:
+        if args.max_minutes is not None and not args.max_minutes >= 0:
+            raise ValueError(f"--max-minutes must be >= 0, got {args.max_minutes}")
+        has_run = (Path(args.out) / "latest").exists()
+        if args.resume and not has_run:
+            raise ValueError(f"--resume: {args.out} holds no run to continue")
+        if not args.resume and has_run:
+            raise ValueError(f"{args.out} already holds a run: pass --resume, or choose another --out")
+        args.configs = build_configs(args.config, args.overrides)
+        bem, data, task_cfg, _ = args.configs
+        args.base = Base.load(args.base)
+        data.seq_len = data.seq_len or args.base.seq_len
+        if data.seq_len > args.base.seq_len:
+            raise ValueError(f"data.seq_len {data.seq_len} exceeds the base model's {args.base.seq_len} positions")
+        domains = load_domain_data(data, data.seq_len, args.base.heldout_fraction, args.base.seed)
+        args.task = BEMTask(domains, bem, task_cfg)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        with distributed.init_from_env() as device:
+            _train(args, device)
+        return 0
+
+
+def _train(args: argparse.Namespace, device: torch.device) -> None:
+    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+    bem, data, task_cfg, train = args.configs
+    out = Path(args.out)
+    seed_everything(train.seed)
+    model = BEMModel(args.base.model, bem).to(device)
+    run_config = {"base": args.base.record(), "bem": config_to_dict(bem), "data": config_to_dict(data),
+                  "task": config_to_dict(task_cfg)}
+    try:
+        trainer = Trainer(model, args.task, train, out_dir=out, model_config=run_config)
+        if args.resume:
+            trainer.resume()
+    except ValueError as err:
+        args.command_parser.error(str(err))
+    record = trainer.fit(deadline=deadline)
+    if distributed.is_main():
+        if trainer.step < train.steps:
+            print(f"stopped at step {trainer.step} of {train.steps}: --max-minutes {args.max_minutes} ran out")
+        if "eval_bpb" in record:
+            print("held-out bits per byte: " + ", ".join(f"{d} {record[f'eval_{d}_bpb']:.4f}" for d in DOMAINS))
+        print(f"checkpoint: {resolve_checkpoint(out)}")
+        print(f"next: neurolattice bem eval {out}   |   neurolattice bem generate {out} --prompt TEXT")
+
+
+class Eval:
+    HELP = "held-out loss per domain of a BEM checkpoint, beside its base model's"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("ckpt", metavar="CKPT", help="BEM run directory or one of its step directories")
+        parser.add_argument("--base", metavar="CKPT", help="base LM (default: the one the adapters were trained on)")
+        parser.add_argument("--json", metavar="PATH", help='also write {"base": {...}, "bem": {...}} here')
+
+    @staticmethod
+    def check(args: argparse.Namespace) -> None:
+        _, args.base_run, args.model, args.task = load_bem_run(args.ckpt, args.base)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        with torch.no_grad():
+            result = {"bem": args.task.evaluate(args.model)}
+            result["base"] = args.task.evaluate(detach(args.model.lm))  # the base model, as it was
+        print(f"{'model':<6} " + " ".join(f"{d + ' bpb':>12}" for d in DOMAINS) + f" {'mean bpb':>10}")
+        for name in ("base", "bem"):
+            r = result[name]
+            print(f"{name:<6} " + " ".join(f"{r[f'{d}_bpb']:>12.4f}" for d in DOMAINS) + f" {r['bpb']:>10.4f}")
+        if args.json:
+            atomic_write_json(args.json, result)
+            print(f"figures: {args.json}")
+        return 0
+
+
+class Generate:
+    HELP = "continue a prompt with a BEM checkpoint (greedy or sampled, with the KV cache)"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("ckpt", metavar="CKPT", help="BEM run directory or one of its step directories")
+        parser.add_argument("--prompt", required=True, help="text to continue (it starts a document)")
+        parser.add_argument("--base", metavar="CKPT", help="base LM (default: the one the adapters were trained on)")
+        parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                            help="bytes to generate at most (default: %(default)s)")
+        parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
+        parser.add_argument("--greedy", action="store_true", help="take the most likely byte (no sampling)")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+
+    @staticmethod
+    def check(args: argparse.Namespace) -> None:
+        if not args.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+        _, args.base_run, args.model, _ = load_bem_run(args.ckpt, args.base)
+        context = 1 + len(args.prompt.encode("utf-8"))
+        if not 1 <= args.max_new_tokens <= args.base_run.seq_len - context:
+            raise ValueError(f"the prompt ({context - 1} bytes) + --max-new-tokens {args.max_new_tokens} must fit "
+                             f"in the model's context of {args.base_run.seq_len} tokens, with at least 1 new token")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        tokenizer, eod = ByteTokenizer(), args.base_run.eod_id
+        ids = torch.cat([torch.tensor([eod]), tokenizer.encode(args.prompt)])[None]  # (1, T)
+        sampling = {"do_sample": False} if args.greedy else {
+            "do_sample": True, "temperature": args.temperature, "top_k": 0}
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            out = args.model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=eod,
+                                      pad_token_id=eod, max_new_tokens=args.max_new_tokens, **sampling)
+        print(args.prompt + tokenizer.decode(out[0, ids.shape[1]:]))
+        return 0

@@ -1,0 +1,122 @@
+"""Configuration of BEM, routed low-rank adapters (spec: shared/spec/bem.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from neurolattice.config import config_from_dict, config_to_dict
+
+LEVELS = ("token", "chunk", "prefix")
+
+# Projections whose output goes into the KV cache (a fused QKV counts as one): they may not use
+# token codes, or a cached key or value would depend on the code of the token that wrote it only.
+KV_NAMES = frozenset({"k_proj", "v_proj", "c_attn", "qkv_proj", "query_key_value", "W_pack", "Wqkv"})
+
+# Default targets per architecture family: module-name suffixes, in model order.
+TABLES: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+# ``model.config.model_type`` -> table; other types use whichever table's names the model has.
+MODEL_TYPES = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gpt2": "gpt2"}
+
+
+def is_kv_name(suffix: str) -> bool:
+    """Whether the module-name suffix (``"k_proj"``, ``"attn.c_attn"``) names a K/V-type projection."""
+    return suffix.rsplit(".", 1)[-1] in KV_NAMES
+
+
+@dataclass
+class BEMConfig:
+    """Which modules get a routed adapter, at which routing level, and the controller's sizes.
+
+    A BEM module computes ``y = W x + b + ((x V) * c) U^T`` with ``c`` the effective code of its
+    slot, ``c = s (u c_dyn + (1 - u) c_static)`` and ``s = alpha / rank`` (see ``layer.py`` and
+    ``controller.py``).
+    """
+
+    rank: int = field(default=8, metadata={"help": "adapter rank r (size of every code slot)"})
+    level: str = field(
+        default="token",
+        metadata={"help": f"routing level of Q/O/MLP modules, one of {LEVELS}; K/V-type modules get "
+                          "'chunk' when this is 'token', else this level"},
+    )
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha: the codes are scaled by s = alpha / rank"})
+    targets: dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "module-name suffix -> level (e.g. {'q_proj': 'token', 'v_proj': 'chunk'}); "
+                          "none: the architecture's default table at `level`"},
+    )
+    prefix_len: int = field(default=128, metadata={"help": "P: tokens pooled into the prefix summary"})
+    chunk_size: int = field(default=32, metadata={"help": "C: tokens per chunk of the chunk level"})
+    beta: float = field(default=0.9, metadata={"help": "EMA factor across chunks, c_k = beta c_k-1 + (1-beta) raw_k"})
+    max_norm: float = field(default=3.0, metadata={"help": "per-slot norm clamp of the dynamic code"})
+    hidden: int = field(default=64, metadata={"help": "controller width"})
+    route_layer: int | None = field(
+        default=None,
+        metadata={"help": "none: route from the input embeddings; l: from the hidden state after decoder "
+                          "layer l, attaching only modules of layers > l"},
+    )
+    sparse_threshold: float = field(
+        default=0.0,
+        metadata={"help": "skip tokens whose code entries are all below this (exact; syncs the host; 0 = off)"},
+    )
+    entropy_weight: float = field(default=1e-3, metadata={"help": "weight of the uncertainty-entropy regulariser"})
+    code_norm_weight: float = field(default=1e-3, metadata={"help": "weight of the code-norm regulariser"})
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "prefix_len", "chunk_size", "hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+        for name in ("alpha", "max_norm"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not _is_number(self.beta) or not 0 <= self.beta < 1:
+            raise ValueError(f"beta must be a number in [0, 1), got {self.beta!r}")
+        for name in ("sparse_threshold", "entropy_weight", "code_norm_weight"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.route_layer is not None and (
+            not isinstance(self.route_layer, int) or isinstance(self.route_layer, bool) or self.route_layer < 0
+        ):
+            raise ValueError(f"route_layer must be none or an integer >= 0, got {self.route_layer!r}")
+        if self.targets is not None:
+            if not isinstance(self.targets, dict) or not self.targets:
+                raise ValueError(f"targets must be a non-empty dict of module-name suffix -> level, "
+                                 f"got {self.targets!r}")
+            for suffix, level in self.targets.items():
+                if not isinstance(suffix, str) or not suffix:
+                    raise ValueError(f"targets keys must be module-name suffixes, got {suffix!r}")
+                if level not in LEVELS:
+                    raise ValueError(f"targets[{suffix!r}] must be one of {LEVELS}, got {level!r}")
+                if level == "token" and is_kv_name(suffix):
+                    raise ValueError(f"targets[{suffix!r}] = 'token' is not allowed: K/V-type projections feed "
+                                     "the KV cache and must use 'chunk' or 'prefix' codes")
+
+    @property
+    def scaling(self) -> float:
+        """``s = alpha / rank``, folded into the codes."""
+        return self.alpha / self.rank
+
+    def level_of(self, suffix: str) -> str:
+        """The default level of a module with this name suffix: ``level``, or ``chunk`` for a
+        K/V-type module when ``level`` is ``token``."""
+        return "chunk" if self.level == "token" and is_kv_name(suffix) else self.level
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BEMConfig:
+        return config_from_dict(cls, data)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,103 @@
+"""The two domains of BEM's fine-tuning study: Python source and English prose.
+
+* ``python``: the standard library's ``.py`` files (the LM's default corpus,
+  :func:`neurolattice.lm.data.default_corpus_files`, without ``pydoc_data/topics.py``), split
+  by file exactly as the base LM's corpus was split (:func:`~neurolattice.lm.data.split_files`
+  with the base run's ``heldout_fraction`` and ``seed``), so held-out Python files are files
+  the base model never trained on.
+* ``prose``: the CPython documentation's language-reference text that ships with the
+  interpreter, ``pydoc_data.topics.topics`` (one document per topic), split by topic.
+
+Each domain is packed into rows of its own (:func:`~neurolattice.lm.data.pack`), so a row is
+all Python or all prose and the routing can tell them apart; the training set takes the same
+number of rows from each (a balanced mix).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from neurolattice.lm.data import ByteTokenizer, PackedDataset, default_corpus_files, pack, read_documents, split_files
+
+DOMAINS = ("python", "prose")
+TOPICS_FILE = "pydoc_data/topics.py"
+
+
+@dataclass
+class DomainDataConfig:
+    """How the two domains are read, split and cut."""
+
+    seq_len: int | None = field(default=None, metadata={"help": "tokens per row (default: the base model's)"})
+    train_bytes: int = field(default=400_000, metadata={"help": "training text per domain, in bytes"})
+    heldout_bytes: int = field(default=40_000, metadata={"help": "held-out text per domain, in bytes"})
+    prose_heldout_fraction: float = field(default=0.15, metadata={"help": "fraction of the topics held out"})
+    seed: int = field(default=0, metadata={"help": "seed of the topic split (the file split is the base's)"})
+
+    def __post_init__(self) -> None:
+        for name in ("train_bytes", "heldout_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.prose_heldout_fraction, (int, float)) or not 0 < self.prose_heldout_fraction < 1:
+            raise ValueError(f"prose_heldout_fraction must be in (0, 1), got {self.prose_heldout_fraction!r}")
+
+
+@dataclass
+class DomainData:
+    """Training rows (both domains, balanced) and held-out rows per domain."""
+
+    train: PackedDataset
+    train_domain: torch.Tensor  # [n] index into DOMAINS of each training row
+    heldout: dict[str, PackedDataset]
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len
+
+
+def domain_documents(base_heldout_fraction: float, base_seed: int, prose_heldout_fraction: float,
+                     seed: int) -> dict[str, tuple[list[bytes | str], list[bytes | str]]]:
+    """``{domain: (train documents, held-out documents)}``, unread Python files as paths."""
+    from pydoc_data.topics import topics
+
+    train_files, held_files = (
+        [f for f in part if not f.as_posix().endswith(TOPICS_FILE)]
+        for part in split_files(default_corpus_files(), base_heldout_fraction, base_seed))
+    names = sorted(topics)
+    order = names.copy()
+    random.Random(seed).shuffle(order)
+    held = set(order[:max(1, round(prose_heldout_fraction * len(names)))])
+    return {"python": (train_files, held_files),
+            "prose": ([topics[n] for n in names if n not in held], [topics[n] for n in names if n in held])}
+
+
+def load_domain_data(cfg: DomainDataConfig, seq_len: int, base_heldout_fraction: float = 0.1,
+                     base_seed: int = 0) -> DomainData:
+    """Read, split and pack both domains (see the module docstring)."""
+    tokenizer = ByteTokenizer()
+    docs = domain_documents(base_heldout_fraction, base_seed, cfg.prose_heldout_fraction, cfg.seed)
+    rows, heldout = {}, {}
+    for domain, (train_docs, held_docs) in docs.items():
+        rows[domain] = pack(_cap(train_docs, cfg.train_bytes), seq_len, tokenizer)
+        heldout[domain] = PackedDataset(pack(_cap(held_docs, cfg.heldout_bytes), seq_len, tokenizer, pad=True))
+        if len(rows[domain]) == 0 or len(heldout[domain]) == 0:
+            raise ValueError(f"domain {domain!r} has less than one row of seq_len + 1 = {seq_len + 1} tokens")
+    n = min(len(r) for r in rows.values())
+    train = torch.cat([rows[d][:n] for d in DOMAINS])
+    domain = torch.arange(len(DOMAINS)).repeat_interleave(n)
+    return DomainData(PackedDataset(train), domain, heldout)
+
+
+def _cap(docs: list, max_bytes: int) -> list[bytes]:
+    """The documents (paths are read) in order, the text cut at ``max_bytes`` bytes."""
+    out, left = [], max_bytes
+    for doc in docs:
+        if left <= 0:
+            break
+        data = doc.encode("utf-8") if isinstance(doc, str) else read_documents([doc])[0]
+        out.append(data[:left])
+        left -= len(out[-1])
+    return out

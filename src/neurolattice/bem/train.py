@@ -1,0 +1,183 @@
+"""Training BEM with the shared trainer: end-to-end on the LM loss, and expert imitation.
+
+End-to-end (:class:`BEMTask`): the base model is frozen; the adapters (U, V) and the
+controller train on
+
+.. math::
+    L = \\mathrm{CE} + \\lambda_n \\, \\overline{\\lVert c \\rVert^2} + \\lambda_H \\, \\overline{H(u)},
+
+the mean next-token cross-entropy plus the code-norm and gate-entropy regularisers of the
+forward's routing (:func:`neurolattice.bem.regularizers`, weights ``code_norm_weight`` and
+``entropy_weight`` of the :class:`~neurolattice.bem.BEMConfig`), with AdamW, the controller at
+``controller_lr_scale`` times the adapters' learning rate.
+
+Expert imitation (:func:`stack_experts`, :func:`imitation_loss`): given ``E`` static LoRAs of
+rank ``r`` trained on separate domains, BEM of rank ``E r`` holds them side by side
+(``V = [A_1^T ... A_E^T]``, ``U = [B_1 ... B_E]``), and the controller learns to output, for a
+row of domain ``e``, the code that switches expert ``e`` on (its block at the LoRA's scaling,
+the rest zero): an MSE on the codes, no LM forward needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neurolattice.lm.data import IGNORE, ByteTokenizer
+from neurolattice.lm.task import heldout_loss
+from neurolattice.train import Task
+
+from .attach import adapter_state_dict, attach, load_adapter_state_dict, regularizers, routing
+from .config import BEMConfig
+from .data import DOMAINS, DomainData
+from .layer import BEMLinear
+
+
+@dataclass
+class TaskConfig:
+    """The BEM-specific knobs of training."""
+
+    controller_lr_scale: float = field(
+        default=3.0, metadata={"help": "controller learning rate, as a multiple of train.lr (the adapters')"}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "rows per forward when evaluating"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.controller_lr_scale, (int, float)) or not self.controller_lr_scale > 0:
+            raise ValueError(f"controller_lr_scale must be a number > 0, got {self.controller_lr_scale!r}")
+        if not isinstance(self.eval_batch_size, int) or isinstance(self.eval_batch_size, bool) \
+                or self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be a positive integer, got {self.eval_batch_size!r}")
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (16 hex digits) of a model's parameter names, shapes and bytes: a checkpoint of
+    adapters records it, and loading onto a different base model is refused."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class BEMModel(nn.Module):
+    """A causal LM with BEM attached and its base frozen, for the trainer.
+
+    Calls go to the LM (``forward``, ``generate``); ``state_dict`` / ``load_state_dict`` hold
+    the BEM tensors only (:func:`~neurolattice.bem.adapter_state_dict`), so a checkpoint is the
+    adapters and the controller, not a copy of the base model.
+    """
+
+    def __init__(self, lm: nn.Module, config: BEMConfig) -> None:
+        super().__init__()
+        lm.requires_grad_(False)
+        self.lm = attach(lm, config)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.lm(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.lm.generate(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return adapter_state_dict(self.lm)
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        load_adapter_state_dict(self.lm, state_dict)
+        return nn.modules.module._IncompatibleKeys([], [])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The LM inside DDP and :class:`BEMModel` wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "lm", model)
+
+
+class BEMTask(Task):
+    """Next-token prediction on the two-domain mix (:mod:`neurolattice.bem.data`) plus the
+    routing regularisers when the model has BEM attached (a PEFT LoRA trains on the plain LM
+    loss). :meth:`evaluate` gives held-out ``loss`` (nats per token) and ``bpb`` per domain."""
+
+    def __init__(self, data: DomainData, bem: BEMConfig | None = None, cfg: TaskConfig | None = None) -> None:
+        self.data, self.bem, self.cfg = data, bem, cfg or TaskConfig()
+        self.train_data = data.train
+        self.byte_lengths = ByteTokenizer().byte_lengths()
+
+    def count_targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return (batch[1] != IGNORE).sum()
+
+    def loss_sum(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                 grad_checkpointing: bool = False) -> torch.Tensor:
+        inputs, labels = batch
+        logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        lm = _unwrap(model)
+        if self.bem is not None and hasattr(lm, "bem_controller"):
+            reg = regularizers(lm)  # means over the batch's tokens: weigh them by its targets
+            loss = loss + self.count_targets(batch) * (self.bem.code_norm_weight * reg["code_norm"]
+                                                       + self.bem.entropy_weight * reg["entropy"])
+        return loss
+
+    def lr_scales(self, model: nn.Module) -> dict[str, float]:
+        prefix = "lm.bem_controller." if isinstance(model, BEMModel) else "bem_controller."
+        return {prefix: self.cfg.controller_lr_scale}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        out = {}
+        for domain in DOMAINS:
+            for key, value in heldout_loss(model, self.data.heldout[domain], self.byte_lengths,
+                                           self.cfg.eval_batch_size).items():
+                out[f"{domain}_{key}"] = value
+        out["bpb"] = sum(out[f"{d}_bpb"] for d in DOMAINS) / len(DOMAINS)
+        return out
+
+
+def stack_experts(model: nn.Module, experts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+                  expert_scaling: float) -> torch.Tensor:
+    """Load ``E`` static LoRAs into the BEM layers of ``model`` side by side; return the
+    target code of each expert, ``[E, S, r]`` (block ``e`` at ``expert_scaling``, the rest 0).
+
+    ``experts[e][name] = (A [r_e, in], B [out, r_e])`` for the attached module ``name`` (as in
+    ``model.named_modules()``), PEFT's ``lora_A`` / ``lora_B`` weights; BEM's rank must be
+    ``E * r_e``. Every attached module needs every expert's pair.
+    """
+    layers = {name: m for name, m in _unwrap(model).named_modules() if isinstance(m, BEMLinear)}
+    n_experts = len(experts)
+    rank = next(iter(layers.values())).rank
+    if rank % n_experts:
+        raise ValueError(f"BEM rank {rank} is not a multiple of the {n_experts} experts")
+    r_e = rank // n_experts
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for e, expert in enumerate(experts):
+                if name not in expert:
+                    raise ValueError(f"expert {e} has no LoRA for the attached module {name!r}")
+                a, b = expert[name]
+                if a.shape[0] != r_e:
+                    raise ValueError(f"expert {e}'s LoRA for {name!r} has rank {a.shape[0]}, expected {r_e}")
+                layer.V[:, e * r_e:(e + 1) * r_e] = a.T
+                layer.U[:, e * r_e:(e + 1) * r_e] = b
+    n_slots = len(layers)
+    target = torch.zeros(n_experts, n_slots, rank)
+    for e in range(n_experts):
+        target[e, :, e * r_e:(e + 1) * r_e] = expert_scaling
+    return target
+
+
+def imitation_loss(model: nn.Module, inputs: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE between the effective codes the controller gives each real token of ``inputs``
+    ``[B, T]`` and ``target`` ``[B, S, r]`` (its row's expert code), over every level in use.
+    The routing is computed inside the model's forward, so the forward runs whole; only the
+    controller's parameters get gradients (the LM's output is not used)."""
+    lm = _unwrap(model)
+    lm(input_ids=inputs, attention_mask=mask, use_cache=False)
+    ctx = routing(lm)
+    weights = mask.to(target.dtype)[..., None, None]  # [B, T, 1, 1]
+    losses = [((codes - target[:, None]) ** 2 * weights).sum() / (weights.sum() * codes[0, 0].numel())
+              for codes in ctx.codes.values()]
+    return torch.stack(losses).mean()
