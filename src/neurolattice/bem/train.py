@@ -32,7 +32,7 @@ from neurolattice.lm.data import IGNORE, ByteTokenizer
 from neurolattice.lm.task import heldout_loss
 from neurolattice.train import Task
 
-from .attach import adapter_state_dict, attach, load_adapter_state_dict, regularizers, routing
+from .attach import adapter_state_dict, attach, load_adapter_state_dict, regularizers
 from .config import BEMConfig
 from .data import DOMAINS, DomainData
 from .layer import BEMLinear
@@ -170,14 +170,19 @@ def stack_experts(model: nn.Module, experts: list[dict[str, tuple[torch.Tensor, 
 
 
 def imitation_loss(model: nn.Module, inputs: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE between the effective codes the controller gives each real token of ``inputs``
-    ``[B, T]`` and ``target`` ``[B, S, r]`` (its row's expert code), over every level in use.
-    The routing is computed inside the model's forward, so the forward runs whole; only the
-    controller's parameters get gradients (the LM's output is not used)."""
+    """Mean squared difference between the effective codes the controller gives the real
+    tokens of ``inputs`` ``[B, T]`` and ``target`` ``[B, S, r]`` (each row's expert code), each
+    slot at its own level. Only the controller runs (on the input embeddings), not the LM."""
     lm = _unwrap(model)
-    lm(input_ids=inputs, attention_mask=mask, use_cache=False)
-    ctx = routing(lm)
+    controller = lm.bem_controller
+    if controller.config.route_layer is not None:
+        raise ValueError("expert imitation routes from the input embeddings: route_layer must be none")
+    context, _ = controller.route(lm.get_input_embeddings()(inputs), mask)
     weights = mask.to(target.dtype)[..., None, None]  # [B, T, 1, 1]
-    losses = [((codes - target[:, None]) ** 2 * weights).sum() / (weights.sum() * codes[0, 0].numel())
-              for codes in ctx.codes.values()]
-    return torch.stack(losses).mean()
+    squared, count = 0.0, 0.0
+    for level, codes in context.codes.items():
+        slots = controller.slots_of(level)
+        diff = codes.index_select(2, slots) - target.index_select(1, slots)[:, None]  # [B, T, S_l, r]
+        squared = squared + (diff.square() * weights).sum()
+        count = count + weights.sum() * diff[0, 0].numel()
+    return squared / count.clamp_min(1)
