@@ -35,6 +35,8 @@ bench: $(VENV)/.installed-dev
 	$(VENV)/bin/neurolattice lattice bench
 	$(VENV)/bin/neurolattice lattice bench-train
 	$(VENV)/bin/neurolattice lm bench
+	$(VENV)/bin/neurolattice bem bench
+	$(VENV)/bin/neurolattice neurograph bench
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests
