@@ -1,0 +1,186 @@
+"""``neurolattice neurograph train | eval | show``.
+
+Each command has the shape :mod:`neurolattice.cli` expects: ``HELP``, ``add_arguments``,
+``check`` (one-line ``ValueError``) and ``run``. A run directory holds the checkpoint
+(``latest`` -> ``step-*/model.safetensors`` + ``run_config.json``, written atomically by
+:func:`neurolattice.train.save_checkpoint`) and ``history.json`` (one entry per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neurolattice.config import layered_config, sections_help
+from neurolattice.io import atomic_write_json
+from neurolattice.train import load_checkpoint, read_config, resolve_checkpoint, save_checkpoint
+
+from . import learn
+from .config import NeuroGraphConfig
+from .propagate import NeuroGraph
+
+SECTIONS = ("neurograph",)
+HISTORY = "history.json"
+
+
+def build(data_path: str | None, config_file: str | None, overrides: list[str]) -> tuple[NeuroGraphConfig, Any]:
+    """The config (defaults, TOML file, ``neurograph.KEY=VALUE`` overrides) and the data,
+    checked against each other (labels in range of ``n_output``)."""
+    merged, _ = layered_config(SECTIONS, {"neurograph": {}}, config_file, overrides)
+    config = NeuroGraphConfig.from_dict(merged["neurograph"])
+    data = learn.load_data(data_path)
+    for y in (data.y_train, data.y_test):
+        learn.check_labels(y, config.n_output)
+    return config, data
+
+
+def load_run(path: str, data_path: str | None = None,
+             expected: NeuroGraphConfig | None = None) -> tuple[NeuroGraph, Any, dict[str, Any]]:
+    """The trained network at ``path`` (run or step directory), its data (``data_path`` or the
+    run's own) and its saved run config. ``expected``: the config the checkpoint must have."""
+    saved = read_config(path)
+    try:
+        config = NeuroGraphConfig.from_dict(saved["neurograph"])
+        n_features, source = int(saved["data"]["n_features"]), saved["data"]["path"]
+    except (KeyError, TypeError) as err:
+        where = resolve_checkpoint(path)
+        raise ValueError(f"{where} is not a neurograph checkpoint (no {err} in its config)") from None
+    data = learn.load_data(data_path if data_path is not None else source)
+    if data.x_test.shape[1] != n_features:
+        raise ValueError(f"the checkpoint expects {n_features} features per sample, "
+                         f"the data has {data.x_test.shape[1]}")
+    net = NeuroGraph(config, n_features)
+    load_checkpoint(path, net, {"neurograph": (expected or config).to_dict()})
+    return net, data, saved
+
+
+def baseline_logistic(data) -> float:
+    """Held-out accuracy of scikit-learn's logistic regression on the same split."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = LogisticRegression(max_iter=5000).fit(data.x_train.numpy(), data.y_train.numpy())
+    return float(model.score(data.x_test.numpy(), data.y_test.numpy()))
+
+
+def _report(result: dict[str, Any], json_path: str | None) -> None:
+    lo, hi = result["ci95"]
+    print(f"held-out accuracy {result['accuracy']:.4f} (95% CI {lo:.3f}-{hi:.3f}), "
+          f"untrained {result['untrained_accuracy']:.4f}, logistic regression {result['logistic_regression']:.4f}; "
+          f"{result['steps']:.2f} steps per sample on average")
+    if json_path:
+        atomic_write_json(json_path, result)
+        print(f"figures: {json_path}")
+
+
+def _json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", metavar="PATH", help="also write the held-out figures here as JSON")
+
+
+class Train:
+    HELP = "train a NeuroGraph network (digits by default), beside the untrained one and a logistic regression"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = sections_help({"neurograph": NeuroGraphConfig}, {})
+        parser.add_argument("--data", metavar="FILE.npz", help="a .npz with x [n, ...] and integer labels y [n] "
+                                                              "(default: scikit-learn digits)")
+        parser.add_argument("--config", metavar="FILE.toml", help="TOML file with a [neurograph] table")
+        parser.add_argument("--out", default="runs/neurograph", help="run directory (default: %(default)s)")
+        _json_arg(parser)
+        parser.add_argument("overrides", nargs="*", metavar="neurograph.KEY=VALUE", help="config overrides")
+
+    @staticmethod
+    def check(args: argparse.Namespace) -> None:
+        args.config_obj, args.data_obj = build(args.data, args.config, args.overrides)
+        if (Path(args.out) / "latest").exists():
+            raise ValueError(f"{args.out} already holds a run: choose another --out")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        config, data = args.config_obj, args.data_obj
+        torch.manual_seed(config.seed)
+        net = NeuroGraph(config, data.x_train.shape[1])
+        print(net)
+        untrained = learn.evaluate(net, data)["accuracy"]
+        start = time.perf_counter()
+        history = learn.train(net, data.x_train, data.y_train, data.x_test, data.y_test, on_epoch=lambda e: print(
+            f"epoch {e['epoch']}: loss {e['loss']:.4f}, train accuracy {e['train_accuracy']:.4f}, held-out "
+            f"{e['test_accuracy']:.4f}, active nodes {e['active_nodes']:.0f}, steps {e['steps']:.2f}", flush=True))
+        seconds = time.perf_counter() - start
+        run_config = {"neurograph": config.to_dict(),
+                      "data": {"path": args.data, "n_features": data.x_train.shape[1], "name": data.name}}
+        ckpt = save_checkpoint(args.out, config.epochs, net, run_config)
+        atomic_write_json(Path(args.out) / HISTORY, history)
+        result = {**learn.evaluate(net, data), "untrained_accuracy": untrained,
+                  "logistic_regression": baseline_logistic(data), "train_seconds": seconds,
+                  "test_samples": len(data.y_test), "seed": config.seed}
+        _report(result, args.json)
+        print(f"checkpoint: {ckpt}\nplots: neurolattice neurograph show {args.out}")
+        return 0
+
+
+class _OnRun:
+    """A command on a trained run: ``CKPT`` (and ``--data``) are loaded and checked first."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("ckpt", metavar="CKPT", help="run directory or one of its step directories")
+        parser.add_argument("--data", metavar="FILE.npz", help="evaluate on this data instead of the run's")
+
+    @staticmethod
+    def check(args: argparse.Namespace) -> None:
+        args.net, args.data_obj, args.saved = load_run(args.ckpt, args.data)
+
+
+class Eval(_OnRun):
+    HELP = "held-out accuracy of a trained NeuroGraph run, beside a logistic regression on the same split"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        _OnRun.add_arguments(parser)
+        _json_arg(parser)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        net, data = args.net, args.data_obj
+        untrained = learn.evaluate(NeuroGraph(net.config, net.n_features), data)["accuracy"]
+        result = {**learn.evaluate(net, data), "untrained_accuracy": untrained,
+                  "logistic_regression": baseline_logistic(data)}
+        _report(result, args.json)
+        return 0
+
+
+class Show(_OnRun):
+    HELP = "PNG plots of a trained NeuroGraph run: accuracy and active nodes over training, activity per timestep"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        _OnRun.add_arguments(parser)
+        parser.add_argument("--out", help="folder for the PNGs (default: CKPT's run directory /plots)")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .plots import activity_per_step, training_curves
+
+        run_dir = resolve_checkpoint(args.ckpt).parent
+        out = Path(args.out) if args.out else run_dir / "plots"
+        out.mkdir(parents=True, exist_ok=True)
+        history_path = run_dir / HISTORY
+        paths = []
+        if history_path.is_file():
+            paths.append(training_curves(json.loads(history_path.read_text()), out))
+        paths.append(activity_per_step(learn.evaluate(args.net, args.data_obj), out))
+        for path in paths:
+            print(f"wrote {path}")
+        return 0
