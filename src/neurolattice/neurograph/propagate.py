@@ -40,7 +40,6 @@ from .config import NeuroGraphConfig
 from .graph import Graph
 from .tables import Tables, signal, strength
 
-INT64_MIN = torch.iinfo(torch.int64).min
 SCORE_BLOCK = 1 << 22          # score-matrix entries per block of active rows
 
 
@@ -67,15 +66,17 @@ def ste(carrier: torch.Tensor, value: torch.Tensor, passes: torch.Tensor | None 
 
 
 def snap_shift(n: int, D: int) -> int:
-    """``S`` of the score grid ``2^-S``: 30, less where ``D * 2^S * n`` would overflow int64."""
-    return min(30, 61 - math.ceil(math.log2(max(D, 1) * max(n, 2) + 1)))
+    """``S`` of the score grid ``2^-S``: 30, less where a key ``D * 2^S * n`` would not be an
+    exact float64 integer (``2^52``)."""
+    return min(30, 52 - math.ceil(math.log2(max(D, 1) * max(n, 2) + 1)))
 
 
 def score_keys(scores: torch.Tensor, candidates: torch.Tensor, n: int, D: int) -> torch.Tensor:
-    """int64 sort keys of radiation ``scores`` (float64, in ``[-D, D]``) for node indices
-    ``candidates``: the score snapped to a grid of ``2^-S`` (round half to even), then the
-    lower node index first, so ``topk`` of the keys is deterministic and ties go by node index."""
-    return torch.round(scores * 2.0 ** snap_shift(n, D)).long() * n + (n - 1 - candidates)
+    """Sort keys of radiation ``scores`` (float64, in ``[-D, D]``, overwritten) for node indices
+    ``candidates``: the score snapped to a grid of ``2^-S`` (round half to even), times ``n``,
+    plus ``n - 1 - v``: exact integers in float64, so ``topk`` of the keys is deterministic and
+    equal snapped scores go to the lower node index."""
+    return scores.mul_(2.0 ** snap_shift(n, D)).round_().mul_(n).add_(n - 1 - candidates)
 
 
 @dataclass
@@ -207,16 +208,16 @@ def radiation_targets(net: NeuroGraph, nodes: torch.Tensor, cP: torch.Tensor) ->
     t = net.tables(torch.float64)
     rows = torch.cat([t.cos[cP], -t.sin[cP]], 1)                              # (A, 2D)
     cols = torch.cat([t.cos[net.P], t.sin[net.P]], 1).T                       # (2D, n)
-    candidates = torch.arange(n, device=nodes.device)
+    candidates = torch.arange(n, device=nodes.device, dtype=torch.float64)
     block = max(1, SCORE_BLOCK // n)
     for r0 in range(0, len(nodes), block):
         u = nodes[r0:r0 + block]
         keys = score_keys(rows[r0:r0 + block] @ cols, candidates, n, c.D)     # (a, n)
         static = net.out_targets[u]
-        keys.scatter_(1, torch.where(static >= 0, static, u[:, None]), INT64_MIN)
-        keys.scatter_(1, u[:, None], INT64_MIN)
+        keys.scatter_(1, torch.where(static >= 0, static, u[:, None]), -math.inf)
+        keys.scatter_(1, u[:, None], -math.inf)
         top = keys.topk(width, dim=1)
-        out[r0:r0 + block] = torch.where(top.values == INT64_MIN, -1, top.indices)
+        out[r0:r0 + block] = torch.where(top.values == -math.inf, -1, top.indices)
     return out
 
 

@@ -152,7 +152,7 @@ def reference_propagate(net: NeuroGraph, inputs: InputState, grad: bool = False,
                 hidden.append((b, value_P, value_A))
     T = max(steps_taken)
     activity_t = torch.tensor([row + [0] * (T - len(row)) for row in activity]).T
-    trace = [_trace_step(per_step[t], n, D) for t in sorted(per_step)] if record else []
+    trace = [_trace_step(per_step[t], n, D, min(c.k, n - 1)) for t in sorted(per_step)] if record else []
     return Run(torch.stack([torch.stack(r) for r in out_P]).to(net.dtype),
                torch.stack([torch.stack(r) for r in out_A]).to(net.dtype), out_active,
                torch.tensor([h[0] for h in hidden], dtype=torch.long),
@@ -161,13 +161,13 @@ def reference_propagate(net: NeuroGraph, inputs: InputState, grad: bool = False,
                torch.tensor(steps_taken), activity_t, node_P, node_A, trace)
 
 
-def _trace_step(entries: list, n: int, D: int) -> dict[str, torch.Tensor]:
+def _trace_step(entries: list, n: int, D: int, k: int) -> dict[str, torch.Tensor]:
     """One step of the trace in the fast path's layout, from ``(b, rows, rads, state)`` per sample."""
     rows = [r for _, rs, _, _ in entries for r in rs]
     rads = [r for _, _, rs, _ in entries for r in rs]
     act = [(b * n + v, st) for b, _, _, state in entries for v, st in sorted(state.items())]
     return {"rows": torch.tensor(rows, dtype=torch.long),
-            "radiation": torch.tensor(rads, dtype=torch.long).reshape(len(rows), -1),
+            "radiation": torch.tensor(rads, dtype=torch.long).reshape(len(rows), k),
             "act": torch.tensor([a for a, _ in act], dtype=torch.long),
             "cP": torch.tensor([st[0] for _, st in act], dtype=torch.long).reshape(-1, D),
             "cA": torch.tensor([st[1] for _, st in act], dtype=torch.long).reshape(-1, D),
