@@ -1,0 +1,337 @@
+"""attach / detach / merge on Hugging Face models: identity, PEFT equivalence, hooks, errors."""
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import DynamicCache
+
+import neurolattice.bem
+from neurolattice.bem import (
+    BEMConfig,
+    adapter_state_dict,
+    attach,
+    bem_parameters,
+    detach,
+    load_adapter_state_dict,
+    merge,
+    regularizers,
+    routing,
+    telemetry,
+)
+from neurolattice.bem.layer import BEMLinear
+from neurolattice.config import config_from_dict
+
+from .tiny import MODELS, batch, confidence_zero, gpt2, llama, randomize_adapters
+
+SMALL = dict(rank=4, hidden=16, chunk_size=4, prefix_len=8)
+
+
+def logits(model, ids, mask, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kwargs).logits
+
+
+def inputs_for(model):
+    return batch([12, 7], 12, vocab=model.config.vocab_size)
+
+
+@pytest.mark.parametrize("level", ["token", "chunk", "prefix"])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_attached_model_equals_base(arch, level):
+    model = MODELS[arch]()
+    ids, mask = inputs_for(model)
+    base = logits(model, ids, mask)
+    attach(model, BEMConfig(level=level, **SMALL))
+    assert (logits(model, ids, mask) - base).abs().max().item() <= 1e-6
+    randomize_adapters(model)
+    assert (logits(model, ids, mask) - base).abs().max().item() > 1e-3  # the adapters are live
+
+
+def test_route_layer_attaches_after_it_and_routes_from_its_output():
+    model = llama()
+    ids, mask = inputs_for(model)
+    base = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    attach(model, BEMConfig(route_layer=1, **SMALL))
+    names = [n for n, m in model.named_modules() if isinstance(m, BEMLinear)]
+    assert names and all(n.startswith("model.layers.2.") for n in names)
+    seen = []
+    route = model.bem_controller.route
+    model.bem_controller.route = lambda f, m, s: seen.append(f) or route(f, m, s)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    assert (out.logits - base.logits).abs().max().item() <= 1e-6
+    assert len(seen) == 1 and torch.equal(seen[0], base.hidden_states[2])
+
+
+def levels_by_suffix(model):
+    return {n.rsplit(".", 1)[-1] if "c_proj" not in n else n.rsplit(".", 2)[-2] + ".c_proj": m.level
+            for n, m in model.named_modules() if isinstance(m, BEMLinear)}
+
+
+def test_default_tables():
+    model = attach(llama(), BEMConfig(**SMALL))
+    assert levels_by_suffix(model) == {"q_proj": "token", "k_proj": "chunk", "v_proj": "chunk", "o_proj": "token",
+                                       "gate_proj": "token", "up_proj": "token", "down_proj": "token"}
+    assert model.bem_controller.num_slots == 3 * 7
+    model = attach(gpt2(), BEMConfig(**SMALL))
+    assert levels_by_suffix(model) == {"c_attn": "chunk", "attn.c_proj": "token", "mlp.c_proj": "token",
+                                       "c_fc": "token"}
+    assert model.bem_controller.num_slots == 3 * 4
+    model = attach(gpt2(), BEMConfig(level="prefix", **SMALL))
+    assert set(levels_by_suffix(model).values()) == {"prefix"}
+    model = attach(llama(), BEMConfig(targets={"q_proj": "token", "mlp.up_proj": "prefix"}, **SMALL))
+    assert levels_by_suffix(model) == {"q_proj": "token", "up_proj": "prefix"}
+    assert [m.slot for m in model.modules() if isinstance(m, BEMLinear)] == list(range(6))
+
+
+def test_unknown_model_type_falls_back_to_the_names_it_has():
+    model = gpt2()
+    model.config.model_type = "my-gpt"
+    attach(model, BEMConfig(**SMALL))
+    assert set(levels_by_suffix(model)) == {"c_attn", "attn.c_proj", "mlp.c_proj", "c_fc"}
+
+
+def peft_twin(model, bem_model, fan_in_fan_out):
+    """A PEFT LoRA of ``model`` on the same modules, holding the BEM model's U and V."""
+    layers = {n: m for n, m in bem_model.named_modules() if isinstance(m, BEMLinear)}
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=suffixes, lora_dropout=0.0, init_lora_weights=False,
+                        fan_in_fan_out=fan_in_fan_out)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            lora = peft_model.base_model.model.get_submodule(name)
+            lora.lora_A["default"].weight.copy_(layer.V.T)
+            lora.lora_B["default"].weight.copy_(layer.U)
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_zero_confidence_equals_peft_lora(arch):
+    model = MODELS[arch]()
+    ids, mask = inputs_for(model)
+    bem_model = attach(copy.deepcopy(model), BEMConfig(alpha=12.0, **SMALL))
+    randomize_adapters(bem_model)
+    confidence_zero(bem_model)
+    reference = peft_twin(model, bem_model, fan_in_fan_out=arch == "gpt2")
+    expected = logits(reference, ids, mask)
+    assert (logits(bem_model, ids, mask) - expected).abs().max().item() <= 1e-5
+    for u in routing(bem_model).uncertainty.values():
+        assert (u == 0).all()
+    with torch.no_grad():
+        bem_model.bem_controller.c_static.mul_(1.5)  # the fallback code is what PEFT's scaling is
+    assert (logits(bem_model, ids, mask) - expected).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_folds_the_static_code(arch):
+    model = attach(MODELS[arch](), BEMConfig(**SMALL)).double()  # float64: merging is exact up to rounding
+    randomize_adapters(model)
+    confidence_zero(model)
+    with torch.no_grad():
+        model.bem_controller.c_static.normal_()
+    ids, mask = inputs_for(model)
+    expected = logits(model, ids, mask)
+    merged = merge(copy.deepcopy(model))
+    assert not any(isinstance(m, BEMLinear) for m in merged.modules()) and not hasattr(merged, "bem_controller")
+    assert (logits(merged, ids, mask) - expected).abs().max().item() <= 1e-10
+    code = torch.randn(model.bem_controller.num_slots, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model.bem_controller.c_static.copy_(code / model.bem_config.scaling)
+    assert (logits(merge(copy.deepcopy(model), code), ids, mask) - logits(model, ids, mask)).abs().max() <= 1e-10
+    with pytest.raises(ValueError, match=r"merge code must be \[S, r\]"):
+        merge(model, code[:, :2])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_detach_restores_the_model(arch):
+    model = MODELS[arch]()
+    ids, mask = inputs_for(model)
+    base = logits(model, ids, mask)
+    keys = set(model.state_dict())
+    types = {n: type(m) for n, m in model.named_modules()}
+    randomize_adapters(attach(model, BEMConfig(**SMALL)))
+    detach(model)
+    assert {n: type(m) for n, m in model.named_modules()} == types and set(model.state_dict()) == keys
+    assert not hasattr(model, "bem_config") and not model._forward_pre_hooks
+    assert torch.equal(logits(model, ids, mask), base)
+    attach(model, BEMConfig(**SMALL))  # attachable again
+
+
+def count_routes(model):
+    calls = []
+    route = model.bem_controller.route
+    model.bem_controller.route = lambda *args: calls.append(1) or route(*args)
+    return calls
+
+
+def test_controller_runs_once_per_forward():
+    model = attach(llama(), BEMConfig(**SMALL))
+    calls = count_routes(model)
+    ids, mask = inputs_for(model)
+    logits(model, ids, mask)
+    assert len(calls) == 1
+    forwards = []
+    model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert len(calls) == 1 + len(forwards) == 1 + 5
+
+
+BEM_DIR = os.path.dirname(neurolattice.bem.__file__)
+SYNCS = ["item", "tolist", "cpu", "__bool__", "__int__", "__float__", "nonzero"]
+
+
+def forbid_host_sync(monkeypatch):
+    """Make the host-syncing tensor methods raise when called from BEM's own code."""
+    def guard(name, original):
+        def patched(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(BEM_DIR):
+                raise AssertionError(f"host sync: {name} called from {caller}")
+            return original(*args, **kwargs)
+        return patched
+
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "nonzero", guard("torch.nonzero", torch.nonzero))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_forward_makes_no_host_sync(arch, monkeypatch):
+    model = randomize_adapters(attach(MODELS[arch](), BEMConfig(level="token", **SMALL)))
+    ids, mask = inputs_for(model)
+    cache = DynamicCache()
+    forbid_host_sync(monkeypatch)
+    with pytest.raises(AssertionError, match="host sync"):  # the guard works
+        exec(compile("torch.ones(1).item()", os.path.join(BEM_DIR, "probe.py"), "exec"), {"torch": torch})
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    step = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=step, past_key_values=cache, use_cache=True)
+    regularizers(model)["code_norm"].backward()
+
+
+def test_sparse_application_syncs_and_is_caught(monkeypatch):
+    model = attach(llama(), BEMConfig(sparse_threshold=0.1, **SMALL))
+    ids, mask = inputs_for(model)
+    forbid_host_sync(monkeypatch)
+    with pytest.raises(AssertionError, match="host sync"):
+        logits(model, ids, mask)
+
+
+def test_inputs_embeds_route_like_input_ids():
+    model = randomize_adapters(attach(llama(), BEMConfig(**SMALL)))
+    ids, mask = inputs_for(model)
+    calls = count_routes(model)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        from_embeds = model(inputs_embeds=embeds, attention_mask=mask).logits
+    assert len(calls) == 1
+    assert (from_embeds - logits(model, ids, mask)).abs().max().item() <= 1e-6
+
+
+def test_parameters_state_dict_and_device_moves_include_the_controller():
+    model = attach(llama(), BEMConfig(**SMALL))
+    groups = bem_parameters(model)
+    assert len(groups["adapters"]) == 2 * 21
+    assert {id(p) for p in groups["controller"]} == {id(p) for p in model.bem_controller.parameters()}
+    ids_all = {id(p) for p in model.parameters()}
+    assert all(id(p) in ids_all for p in groups["controller"] + groups["adapters"])
+    assert any(k.startswith("bem_controller.") for k in model.state_dict())
+    model.double()
+    assert model.bem_controller.c_static.dtype == torch.float64
+    ids, mask = inputs_for(model)
+    logits(model, ids, mask)
+
+
+def test_adapter_state_dict_round_trip_and_errors():
+    source = randomize_adapters(attach(llama(), BEMConfig(**SMALL)))
+    with torch.no_grad():
+        source.bem_controller.c_static.normal_()
+    tensors = {k: v.clone() for k, v in adapter_state_dict(source).items()}
+    assert all(k.startswith("bem_controller.") or k.endswith((".U", ".V")) for k in tensors)
+    assert "model.layers.0.self_attn.q_proj.U" in tensors
+    target = attach(llama(), BEMConfig(**SMALL))
+    load_adapter_state_dict(target, tensors)
+    ids, mask = inputs_for(source)
+    assert torch.equal(logits(target, ids, mask), logits(source, ids, mask))
+    missing = dict(tensors)
+    missing.pop("model.layers.0.self_attn.q_proj.U")
+    with pytest.raises(ValueError, match="missing") as err:
+        load_adapter_state_dict(target, missing)
+    assert "\n" not in str(err.value)
+    bad = {**tensors, "model.layers.0.self_attn.q_proj.V": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=r"q_proj.V must be \[32, 4\], got \[3, 3\]"):
+        load_adapter_state_dict(target, bad)
+
+
+def test_regularizers_and_telemetry_match_direct_computation():
+    model = attach(llama(), BEMConfig(**SMALL))
+    ids, mask = inputs_for(model)
+    model(input_ids=ids, attention_mask=mask)
+    context = routing(model)
+    real = mask.bool()
+    norms_sq, entropies, norms, active, entries, us = [], [], [], 0, 0, []
+    levels = model.bem_controller.slot_levels
+    for slot, level in enumerate(levels):
+        dynamic = context.dynamic[level][:, :, slot][real]  # (N, r)
+        u = context.uncertainty[level][real][:, 0]
+        norms_sq.append(dynamic.square().sum(-1))
+        norms.append(dynamic.norm(dim=-1))
+        entropies.append(-(u * u.log() + (1 - u) * (1 - u).log()))
+        us.append(u)
+        effective = context.codes[level][:, :, slot][real]
+        active += (effective.abs() > 0.01).sum().item()
+        entries += effective.numel()
+    reg = regularizers(model)
+    assert reg["code_norm"].requires_grad and reg["entropy"].requires_grad
+    assert abs(reg["code_norm"].item() - torch.cat(norms_sq).mean().item()) <= 1e-5
+    assert abs(reg["entropy"].item() - torch.cat(entropies).mean().item()) <= 1e-5
+    stats = telemetry(model)
+    norms = torch.cat(norms)
+    assert abs(stats["code_norm_mean"] - norms.mean().item()) <= 1e-5
+    assert abs(stats["code_norm_std"] - norms.std(unbiased=False).item()) <= 1e-4
+    assert abs(stats["active_share"] - active / entries) <= 1e-6
+    assert abs(stats["uncertainty_mean"] - torch.cat(us).mean().item()) <= 1e-5
+    assert stats["routing_entropy"] > 0
+    assert stats["level_usage_token"] == 15 / 21 and stats["level_usage_chunk"] == 6 / 21
+    assert telemetry(model)["code_norm_mean"] != telemetry(model)["code_norm_mean"]  # read resets: NaN
+
+
+def one_line_error(fn, match):
+    with pytest.raises(ValueError, match=match) as err:
+        fn()
+    assert "\n" not in str(err.value)
+
+
+def test_errors_are_one_line():
+    one_line_error(lambda: attach(llama(), BEMConfig(targets={"nope": "token"})), "no module of LlamaForCausalLM")
+    one_line_error(lambda: attach(attach(llama(), BEMConfig()), BEMConfig()), "already attached")
+    one_line_error(lambda: BEMConfig(rank=0), "rank must be a positive integer, got 0")
+    one_line_error(lambda: BEMConfig(level="layer"), "level must be one of")
+    one_line_error(lambda: BEMConfig(beta=1.0), r"beta must be a number in \[0, 1\)")
+    one_line_error(lambda: BEMConfig(max_norm=-1), "max_norm must be")
+    one_line_error(lambda: BEMConfig(sparse_threshold=float("nan")), "sparse_threshold must be")
+    one_line_error(lambda: BEMConfig(targets={"k_proj": "token"}), "k_proj.*not allowed")
+    one_line_error(lambda: BEMConfig(targets={"attn.c_attn": "token"}), "c_attn.*not allowed")
+    one_line_error(lambda: BEMConfig(targets={"q_proj": "sequence"}), "targets")
+    one_line_error(lambda: BEMConfig(route_layer=-1), "route_layer")
+    one_line_error(lambda: config_from_dict(BEMConfig, {"rank": 4, "rnak": 4}),
+                   r"unknown BEMConfig key\(s\) \[.rnak.\]")
+    one_line_error(lambda: attach(llama(), BEMConfig(route_layer=2)), "route_layer must be < 2")
+    one_line_error(lambda: attach(llama(), BEMConfig(targets={"embed_tokens": "prefix"})), "embed_tokens.*Embedding")
+    one_line_error(lambda: attach(llama(), {"rank": 4}), "config must be a BEMConfig")
+    one_line_error(lambda: detach(llama()), "no BEM attached")
+
+
+def test_cache_that_the_controller_did_not_route_is_refused():
+    model = attach(llama(), BEMConfig(**SMALL))
+    ids, mask = inputs_for(model)
+    cache = DynamicCache()
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    model(input_ids=ids[:, :3], attention_mask=mask[:, :3])  # a fresh forward resets the routing state
+    one_line_error(lambda: model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1),
+                                 past_key_values=cache), "KV cache holds 12 positions but BEM routing has seen 3")
