@@ -25,7 +25,14 @@ from neurolattice.bem import (
 from neurolattice.bem.layer import BEMLinear
 from neurolattice.config import config_from_dict
 
-from .tiny import MODELS, batch, confidence_zero, gpt2, llama, randomize_adapters
+from .tiny import MODELS, batch, confidence_zero, gpt2, llama, one_thread, randomize_adapters
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
 
 SMALL = dict(rank=4, hidden=16, chunk_size=4, prefix_len=8)
 
@@ -55,16 +62,16 @@ def test_route_layer_attaches_after_it_and_routes_from_its_output():
     model = llama()
     ids, mask = inputs_for(model)
     base = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    attach(model, BEMConfig(route_layer=1, **SMALL))
+    attach(model, BEMConfig(route_layer=0, **SMALL))
     names = [n for n, m in model.named_modules() if isinstance(m, BEMLinear)]
-    assert names and all(n.startswith("model.layers.2.") for n in names)
+    assert names and all(n.startswith("model.layers.1.") for n in names)
     seen = []
     route = model.bem_controller.route
     model.bem_controller.route = lambda f, m, s: seen.append(f) or route(f, m, s)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask)
     assert (out.logits - base.logits).abs().max().item() <= 1e-6
-    assert len(seen) == 1 and torch.equal(seen[0], base.hidden_states[2])
+    assert len(seen) == 1 and torch.equal(seen[0], base.hidden_states[1])
 
 
 def levels_by_suffix(model):
@@ -76,16 +83,16 @@ def test_default_tables():
     model = attach(llama(), BEMConfig(**SMALL))
     assert levels_by_suffix(model) == {"q_proj": "token", "k_proj": "chunk", "v_proj": "chunk", "o_proj": "token",
                                        "gate_proj": "token", "up_proj": "token", "down_proj": "token"}
-    assert model.bem_controller.num_slots == 3 * 7
+    assert model.bem_controller.num_slots == 2 * 7
     model = attach(gpt2(), BEMConfig(**SMALL))
     assert levels_by_suffix(model) == {"c_attn": "chunk", "attn.c_proj": "token", "mlp.c_proj": "token",
                                        "c_fc": "token"}
-    assert model.bem_controller.num_slots == 3 * 4
+    assert model.bem_controller.num_slots == 2 * 4
     model = attach(gpt2(), BEMConfig(level="prefix", **SMALL))
     assert set(levels_by_suffix(model).values()) == {"prefix"}
     model = attach(llama(), BEMConfig(targets={"q_proj": "token", "mlp.up_proj": "prefix"}, **SMALL))
     assert levels_by_suffix(model) == {"q_proj": "token", "up_proj": "prefix"}
-    assert [m.slot for m in model.modules() if isinstance(m, BEMLinear)] == list(range(6))
+    assert [m.slot for m in model.modules() if isinstance(m, BEMLinear)] == list(range(4))
 
 
 def test_unknown_model_type_falls_back_to_the_names_it_has():
@@ -236,7 +243,7 @@ def test_inputs_embeds_route_like_input_ids():
 def test_parameters_state_dict_and_device_moves_include_the_controller():
     model = attach(llama(), BEMConfig(**SMALL))
     groups = bem_parameters(model)
-    assert len(groups["adapters"]) == 2 * 21
+    assert len(groups["adapters"]) == 2 * 14
     assert {id(p) for p in groups["controller"]} == {id(p) for p in model.bem_controller.parameters()}
     ids_all = {id(p) for p in model.parameters()}
     assert all(id(p) in ids_all for p in groups["controller"] + groups["adapters"])
@@ -297,7 +304,7 @@ def test_regularizers_and_telemetry_match_direct_computation():
     assert abs(stats["active_share"] - active / entries) <= 1e-6
     assert abs(stats["uncertainty_mean"] - torch.cat(us).mean().item()) <= 1e-5
     assert stats["routing_entropy"] > 0
-    assert stats["level_usage_token"] == 15 / 21 and stats["level_usage_chunk"] == 6 / 21
+    assert stats["level_usage_token"] == 10 / 14 and stats["level_usage_chunk"] == 4 / 14
     assert telemetry(model)["code_norm_mean"] != telemetry(model)["code_norm_mean"]  # read resets: NaN
 
 
@@ -321,7 +328,7 @@ def test_errors_are_one_line():
     one_line_error(lambda: BEMConfig(route_layer=-1), "route_layer")
     one_line_error(lambda: config_from_dict(BEMConfig, {"rank": 4, "rnak": 4}),
                    r"unknown BEMConfig key\(s\) \[.rnak.\]")
-    one_line_error(lambda: attach(llama(), BEMConfig(route_layer=2)), "route_layer must be < 2")
+    one_line_error(lambda: attach(llama(), BEMConfig(route_layer=1)), "route_layer must be < 1")
     one_line_error(lambda: attach(llama(), BEMConfig(targets={"embed_tokens": "prefix"})), "embed_tokens.*Embedding")
     one_line_error(lambda: attach(llama(), {"rank": 4}), "config must be a BEMConfig")
     one_line_error(lambda: detach(llama()), "no BEM attached")

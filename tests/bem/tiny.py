@@ -1,5 +1,7 @@
 """Tiny random causal LMs and left-padded batches for the BEM tests."""
 
+import contextlib
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -12,7 +14,7 @@ VOCAB = 64
 
 def llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          pad_token_id=0, bos_token_id=1, eos_token_id=None)
     return LlamaForCausalLM(config).eval()
@@ -20,7 +22,7 @@ def llama(seed: int = 0) -> LlamaForCausalLM:
 
 def gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                         pad_token_id=0, bos_token_id=1, eos_token_id=None)
     return GPT2LMHeadModel(config).eval()
 
@@ -61,3 +63,14 @@ def confidence_zero(model):
             head.mlp[-1].weight[-1].zero_()
             head.mlp[-1].bias[-1] = -1e4
     return model
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run tiny models on one intra-op thread: a second one only adds contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
