@@ -5,7 +5,9 @@ step of the input projection and the index updates (:func:`~neurolattice.neurogr
 Each row times it on the default config with ``n`` nodes (200 input, 10 output), fed the
 first digits training samples:
 
-- ``fast``: :func:`~neurolattice.neurograph.propagate.propagate` on a batch of ``--batch``;
+- ``fast``: :func:`~neurolattice.neurograph.propagate.propagate` on a batch of
+  ``--batch`` samples at 1000 nodes, fewer on bigger graphs (:func:`fast_batch`: the batch
+  shrinks as ``1000 / n``, at least 1) so every row costs about the same;
 - ``reference``: :func:`~neurolattice.neurograph.reference.reference_propagate` (loops, with
   its parameter-keyed cache) on ``--reference-batch`` samples, only at ``n <= --reference-max``.
 
@@ -53,6 +55,12 @@ TABLE = Table([
     Column("peak_mem_bytes", "peak mem", 9, format_bytes),
     Column("status", "status", 6, align="<"),
 ])
+
+
+def fast_batch(batch: int, nodes: int) -> int:
+    """Samples per fast step on ``nodes`` nodes: ``batch`` up to 1000 nodes, then
+    ``batch * 1000 // nodes`` (at least 1)."""
+    return max(1, min(batch, batch * 1000 // nodes))
 
 
 def measure(method: str, nodes: int, batch: int, repeats: int, device: str = "cpu") -> dict[str, Any]:
@@ -115,7 +123,7 @@ def run_bench(sizes: Sequence[int] = DEFAULT_SIZES, *, batch: int = 32, referenc
     with tqdm(tasks, desc="neurograph bench", unit="run", disable=None, leave=False) as bar:
         for nodes, method in bar:
             bar.set_postfix_str(f"{method} {nodes}")
-            row = bench_row(method, nodes, reference_batch if method == "reference" else batch,
+            row = bench_row(method, nodes, reference_batch if method == "reference" else fast_batch(batch, nodes),
                             repeats, device, threads)
             before = next((r for r in rows if r["method"] == "reference" and r["nodes"] == nodes
                            and r["ms_per_sample"] is not None), None)
@@ -130,7 +138,8 @@ def run_bench(sizes: Sequence[int] = DEFAULT_SIZES, *, batch: int = 32, referenc
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
                         help="node counts n, default %(default)s")
-    parser.add_argument("--batch", type=int, default=32, help="samples per fast training step (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=32,
+                        help="samples per fast training step at 1000 nodes, fewer above (default %(default)s)")
     parser.add_argument("--reference-batch", type=int, default=2,
                         help="samples per reference training step (default %(default)s)")
     parser.add_argument("--reference-max", type=int, default=1000,

@@ -49,13 +49,14 @@ def loss_terms(net: NeuroGraph, run: Run, y: torch.Tensor) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def update_indices(net: NeuroGraph, run: Run) -> int:
-    """Thresholded accumulation of the gradients on ``run.node_P``/``node_A`` (module docstring);
-    returns how many indices moved and bumps ``net.version`` if any did."""
+def update_indices(net: NeuroGraph, run: Run, lr_factor: float = 1.0) -> int:
+    """Thresholded accumulation of the gradients on ``run.node_P``/``node_A`` (module docstring),
+    the learning rates times ``lr_factor``; returns how many indices moved and bumps
+    ``net.version`` if any did."""
     c = net.config
     moved = 0
-    for grad, acc, index, lr, bins, wraps in ((run.node_P.grad, net.acc_P, net.P, c.lr_phase, c.N, True),
-                                             (run.node_A.grad, net.acc_A, net.A, c.lr_mag, c.M, False)):
+    for grad, acc, index, lr, bins, wraps in ((run.node_P.grad, net.acc_P, net.P, c.lr_phase * lr_factor, c.N, True),
+                                             (run.node_A.grad, net.acc_A, net.A, c.lr_mag * lr_factor, c.M, False)):
         if grad is None:
             continue
         width = 2 * math.pi / bins
@@ -71,16 +72,19 @@ def update_indices(net: NeuroGraph, run: Run) -> int:
 
 
 def train_step(net: NeuroGraph, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               forward: Callable[..., Run] = propagate) -> dict[str, float]:
+               forward: Callable[..., Run] = propagate, lr_factor: float = 1.0) -> dict[str, float]:
     """Forward (``forward(net, inputs, grad=True)``: the fast path, or the reference), loss,
-    backward, Adam step of the projection, index updates of the nodes."""
+    backward, Adam step of the projection (at ``lr_input * lr_factor``), index updates of the
+    nodes (:func:`update_indices` with ``lr_factor``)."""
+    for group in optimizer.param_groups:
+        group["lr"] = net.config.lr_input * lr_factor
     check_labels(y, net.config.n_output)
     optimizer.zero_grad(set_to_none=True)
     run = forward(net, net.project(x), grad=True)
     loss, ce, hidden = loss_terms(net, run, y)
     loss.backward()
     optimizer.step()
-    moved = update_indices(net, run)
+    moved = update_indices(net, run, lr_factor)
     correct = int((readout(net, run).argmax(1) == y).sum())
     return {"loss": loss.item(), "ce": ce.item(), "hidden": hidden.item(), "correct": correct,
             "moved": moved, "active": float(run.activity.sum(0).float().mean()),
@@ -110,7 +114,8 @@ def train(net: NeuroGraph, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tenso
           y_test: torch.Tensor | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """``config.epochs`` epochs of :func:`train_step` over ``(x, y)`` in shuffled batches
-    (seeded by ``config.seed``); after each, the held-out accuracy when ``x_test`` is given.
+    (seeded by ``config.seed``), every learning rate scaled by a cosine decay from 1 to 0 over
+    the steps; after each epoch, the held-out accuracy when ``x_test`` is given.
     Returns the history: one dict per epoch (``epoch``, ``loss``, ``train_accuracy``,
     ``test_accuracy``, ``active_nodes``, ``steps``, ``moved``)."""
     c = net.config
@@ -121,6 +126,8 @@ def train(net: NeuroGraph, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tenso
     optimizer = torch.optim.Adam(net.proj.parameters(), lr=c.lr_input)
     gen = torch.Generator().manual_seed(c.seed)
     history = []
+    per_epoch = math.ceil(len(x) / c.batch_size)
+    total, done = c.epochs * per_epoch, 0
     for epoch in range(1, c.epochs + 1):
         order = torch.randperm(len(x), generator=gen)
         totals = {"loss": 0.0, "correct": 0, "moved": 0, "active": 0.0, "steps": 0.0}
@@ -128,7 +135,9 @@ def train(net: NeuroGraph, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tenso
         with tqdm(batches, desc=f"neurograph epoch {epoch}/{c.epochs}", unit="batch", disable=None, leave=False) as bar:
             for i in bar:
                 idx = order[i:i + c.batch_size]
-                stats = train_step(net, optimizer, x[idx], y[idx])
+                factor = 0.5 * (1 + math.cos(math.pi * done / total))
+                stats = train_step(net, optimizer, x[idx], y[idx], lr_factor=factor)
+                done += 1
                 for key in totals:
                     totals[key] += stats[key] * (len(idx) if key in ("loss", "active", "steps") else 1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", active=f"{stats['active']:.0f}")
@@ -147,8 +156,13 @@ def load_data(path: str | None):
     """The task: scikit-learn digits (``path`` None) or a user's ``.npz`` (arrays ``x``, ``y``
     with integer labels), stratified 75/25 with seed 0 (:mod:`neurolattice.lattice.tasks`),
     features flattened to ``[n, F]``. Returns the :class:`~neurolattice.lattice.tasks.Dataset`."""
+    import zipfile
+    from pathlib import Path
+
     from neurolattice.lattice.tasks import load_digits, load_npz
 
+    if path is not None and Path(path).is_file() and not zipfile.is_zipfile(path):
+        raise ValueError(f"cannot read {path} as a .npz file: it is not a zip archive")
     data = load_digits() if path is None else load_npz(path)
     if data.task != "classification":
         raise ValueError(f"{path}: NeuroGraph classifies: y must be integer class labels, got float targets")

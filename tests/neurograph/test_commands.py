@@ -1,0 +1,121 @@
+"""`neurolattice neurograph train | eval | show` and bad input: each a one-line error."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from neurolattice import cli
+from neurolattice.neurograph import NeuroGraphConfig
+from neurolattice.neurograph.commands import load_run
+
+from .conftest import features, make_net, small_config
+
+SMALL = ["neurograph.n=230", "neurograph.n_input=20", "neurograph.epochs=1", "neurograph.t_min=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "ng"
+    path = out.parent / "figures.json"
+    assert cli.main(["neurograph", "train", "--out", str(out), "--json", str(path), *SMALL]) == 0
+    return out, json.loads(path.read_text())
+
+
+def test_train_writes_figures_and_checkpoint(trained):
+    out, figures = trained
+    assert {"accuracy", "ci95", "untrained_accuracy", "logistic_regression"} <= set(figures)
+    lo, hi = figures["ci95"]
+    assert 0 <= lo <= figures["accuracy"] <= hi <= 1
+    assert figures["logistic_regression"] > 0.9
+    assert (out / "latest").exists() and (out / "history.json").exists()
+
+
+def test_eval_and_show(trained, tmp_path, capsys):
+    out, figures = trained
+    path = tmp_path / "eval.json"
+    assert cli.main(["neurograph", "eval", str(out), "--json", str(path)]) == 0
+    again = json.loads(path.read_text())
+    assert again["accuracy"] == figures["accuracy"] and again["untrained_accuracy"] == figures["untrained_accuracy"]
+    assert cli.main(["neurograph", "show", str(out), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "neurograph_training.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "neurograph_activity.png").stat().st_size > 0
+
+
+def _cli_error(capsys, argv, *words):
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(argv)
+    assert excinfo.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def _npz(path, x, y):
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+def test_cli_errors(trained, tmp_path, capsys):
+    out, _ = trained
+    x = np.random.default_rng(0).random((80, 7))
+    y = np.arange(80) % 12
+    _cli_error(capsys, ["neurograph", "train", "--out", str(tmp_path / "a"), "neurograph.bogus=1"],
+               "unknown NeuroGraphConfig key", "bogus")
+    _cli_error(capsys, ["neurograph", "train", "--out", str(tmp_path / "a"), "--data", _npz(tmp_path / "l.npz", x, y)],
+               "labels must be in [0, 9]", "11")
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    _cli_error(capsys, ["neurograph", "train", "--data", _npz(tmp_path / "n.npz", bad, y % 10)], "NaN or inf")
+    _cli_error(capsys, ["neurograph", "train", "--data", str(tmp_path / "missing.npz")], "does not exist")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    _cli_error(capsys, ["neurograph", "train", "--data", str(tmp_path / "junk.npz")], "cannot read")
+    _cli_error(capsys, ["neurograph", "eval", str(out), "--data", _npz(tmp_path / "w.npz", x, y % 10)],
+               "expects 64 features", "has 7")
+    _cli_error(capsys, ["neurograph", "eval", str(tmp_path / "nowhere")], "no checkpoint")
+    _cli_error(capsys, ["neurograph", "train", "--out", str(out), *SMALL], "already holds a run")
+
+
+def test_corrupt_checkpoint_and_other_config(trained, tmp_path, capsys):
+    import shutil
+
+    out, _ = trained
+    with pytest.raises(ValueError, match="config field 'neurograph.n'") as excinfo:
+        load_run(str(out), expected=NeuroGraphConfig(n=231, n_input=20, epochs=1, t_min=1))
+    assert "\n" not in str(excinfo.value)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    weights = next(copy.glob("step-*/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    _cli_error(capsys, ["neurograph", "eval", str(copy)], "corrupt")
+
+
+@pytest.mark.parametrize("bad, words", [
+    (torch.zeros(2, 4, dtype=torch.float64), ["[*, 5]", "[2, 4]"]),
+    (torch.zeros(5, dtype=torch.float64), ["[*, 5]", "[5]"]),
+    (torch.zeros(2, 5, dtype=torch.long), ["floating", "int64"]),
+    (torch.tensor([[0.0, 1.0, float("inf"), 0.0, 0.0]], dtype=torch.float64), ["NaN or inf"]),
+    ([[0.0] * 5], ["torch.Tensor"]),
+])
+def test_bad_features(bad, words):
+    net = make_net(small_config())
+    with pytest.raises(ValueError) as excinfo:
+        net(bad)
+    assert "\n" not in str(excinfo.value)
+    for word in words:
+        assert word in str(excinfo.value)
+
+
+def test_bad_labels_and_config():
+    from neurolattice.neurograph.learn import train
+
+    net = make_net(small_config())
+    for y, word in ((torch.tensor([0, 4, 1]), "labels must be in [0, 3]"), (torch.tensor([0.0, 1.0, 2.0]), "int64")):
+        with pytest.raises(ValueError, match=word.replace("[", r"\[").replace("]", r"\]")):
+            train(net, features(3), y)
+    for kwargs, word in ((dict(n=100, n_input=95), "n must be >="), (dict(gamma=1.5), "gamma"),
+                         (dict(k=-1), "k must be"), (dict(tau=float("nan")), "finite"), (dict(D=2.5), "integer")):
+        with pytest.raises(ValueError, match=word):
+            NeuroGraphConfig(**kwargs)
