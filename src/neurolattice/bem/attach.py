@@ -221,18 +221,23 @@ def _level_terms(controller: BEMController, context: RoutingContext):
                context.uncertainty[level], mask)
 
 
+def _binary_entropy(u: Tensor) -> Tensor:
+    """``-u log u - (1 - u) log(1 - u)`` in nats (u clamped away from 0 and 1)."""
+    u = u.clamp(1e-7, 1 - 1e-7)
+    return -(u * u.log() + (1 - u) * (1 - u).log())
+
+
 def regularizers(model: nn.Module) -> dict[str, Tensor]:
     """From the last forward, with grad: ``code_norm``, the mean over real tokens and slots of
-    ``||c_dyn||^2``; ``entropy``, the mean binary entropy ``-u log u - (1-u) log(1-u)`` of the
-    uncertainty over real tokens and slots."""
+    ``||c_dyn||^2``; ``entropy``, the mean binary entropy of the uncertainty ``u`` over real
+    tokens and slots."""
     controller = _controller(model)
     context = routing(model)
     norm_sq = entropy = count = 0.0
     for dynamic, _, u, mask in _level_terms(controller, context):
         slots = dynamic.shape[2]
         norm_sq = norm_sq + (dynamic.square().sum(-1) * mask).sum()
-        u = u.clamp(1e-7, 1 - 1e-7)
-        entropy = entropy - ((u * u.log() + (1 - u) * (1 - u).log()) * mask).sum() * slots
+        entropy = entropy + (_binary_entropy(u) * mask).sum() * slots
         count = count + mask.sum() * slots
     count = count.clamp_min(1)
     return {"code_norm": norm_sq / count, "entropy": entropy / count}
@@ -244,22 +249,22 @@ def _statistics(controller: BEMController, context: RoutingContext) -> Tensor:
     for dynamic, effective, u, mask in _level_terms(controller, context):
         slots, rank = dynamic.shape[2], dynamic.shape[3]
         norm = torch.linalg.vector_norm(dynamic, dim=-1)  # (B, T, S_l)
-        share = dynamic.abs() / dynamic.abs().sum(-1, keepdim=True).clamp_min(1e-12)
-        spread = -(share * share.clamp_min(1e-12).log()).sum(-1)  # entropy over the r entries
+        real = mask.sum()
         totals.append(torch.stack([
-            mask.sum() * slots, (norm * mask).sum(), (norm.square() * mask).sum(),
-            ((effective.abs() > 0.01).sum(-1) * mask).sum(), mask.sum() * slots * rank,
-            (u * mask).sum() * slots, (spread * mask).sum(),
+            real * slots, (norm * mask).sum(), (norm.square() * mask).sum(),
+            ((effective.abs() > 0.01).sum(-1) * mask).sum(), real * slots * rank,
+            (u * mask).sum() * slots, (_binary_entropy(u) * mask).sum() * slots,
         ]))
     return torch.stack(totals).sum(0)
 
 
 def telemetry(model: nn.Module) -> dict[str, float]:
     """Routing statistics over the real tokens of the forwards since the last call (reading them
-    synchronises with the device and resets them): ``code_norm_mean``/``code_norm_std`` (norm of
-    the dynamic code per slot), ``active_share`` (share of effective code entries with
-    |c| > 0.01), ``uncertainty_mean``, ``routing_entropy`` (entropy, in nats, of each slot's
-    ``|c| / sum |c|`` over its r entries), ``level_usage`` (share of modules per level)."""
+    synchronises with the device and resets them; NaN when no forward ran): ``code_norm_mean``,
+    ``code_norm_std`` (norm of the dynamic code per slot), ``active_share`` (share of effective
+    code entries with |c| > 0.01), ``uncertainty_mean`` (mean u), ``routing_entropy`` (mean binary
+    entropy of u, in nats: 0 when every module is sure whether to route or fall back, log 2 at
+    u = 1/2), ``level_usage_<level>`` (share of modules at each level)."""
     controller = _controller(model)
     levels = controller.slot_levels
     usage = {f"level_usage_{level}": levels.count(level) / len(levels) for level in controller.levels}

@@ -251,5 +251,6 @@ class BEMController(nn.Module):
         norm = torch.linalg.vector_norm(code, dim=-1, keepdim=True)
         code = code * (self.config.max_norm / norm.clamp_min(self.config.max_norm))
         u = torch.sigmoid(vector[..., -1:] / temperature)
-        effective = self.config.scaling * (u[..., None] * code + (1 - u[..., None]) * self.c_static)
+        s = self.config.scaling
+        effective = torch.addcmul(s * self.c_static, s * u[..., None], code - self.c_static)  # s (u c + (1-u) c_st)
         return effective, code, u
