@@ -342,3 +342,35 @@ def test_cache_that_the_controller_did_not_route_is_refused():
     model(input_ids=ids[:, :3], attention_mask=mask[:, :3])  # a fresh forward resets the routing state
     one_line_error(lambda: model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1),
                                  past_key_values=cache), "KV cache holds 12 positions but BEM routing has seen 3")
+
+
+def test_deep_copy_routes_with_its_own_controller():
+    model = randomize_adapters(attach(llama(), BEMConfig(**SMALL)))
+    ids, mask = inputs_for(model)
+    expected = logits(model, ids, mask)
+    twin = copy.deepcopy(model)
+    assert torch.equal(logits(twin, ids, mask), expected)
+    assert twin.bem_controller.last is not model.bem_controller.last
+    with torch.no_grad():
+        twin.bem_controller.c_static.mul_(2)
+    assert not torch.equal(logits(twin, ids, mask), expected)
+    detach(twin)
+    assert torch.equal(logits(model, ids, mask), expected)  # the original keeps its hooks and codes
+
+
+def test_training_step_reaches_every_bem_parameter_also_with_gradient_checkpointing():
+    grads = []
+    for checkpointing in (False, True):
+        model = randomize_adapters(attach(llama(), BEMConfig(level="token", **SMALL)))
+        if checkpointing:  # transformers 5 renamed it
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        model.train()
+        ids, mask = inputs_for(model)
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        reg = regularizers(model)
+        (out.loss + reg["code_norm"] + reg["entropy"]).backward()
+        groups = bem_parameters(model)
+        missing = [i for i, p in enumerate(groups["controller"] + groups["adapters"]) if p.grad is None]
+        assert not missing
+        grads.append(torch.cat([p.grad.flatten() for p in groups["controller"] + groups["adapters"]]))
+    assert (grads[0] - grads[1]).abs().max().item() <= 1e-5

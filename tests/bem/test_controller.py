@@ -13,15 +13,17 @@ FEATURES = 5
 
 
 def make_controller(slot_levels, seed=0, scale=0.7, **overrides) -> BEMController:
-    """A float64 controller with random parameters (large enough that some codes hit the clamp)."""
+    """A float64 controller with random parameters (large enough that some codes hit the clamp);
+    the temperatures get their own test values in ``test_temperature_scales_the_logit``."""
     config = BEMConfig(**{"rank": 3, "hidden": 6, "chunk_size": 3, "prefix_len": 5, "max_norm": 3.0,
                           "beta": 0.8, **overrides})
     torch.manual_seed(seed)
     controller = BEMController(config, FEATURES, slot_levels).double()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in controller.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
+        for name, p in controller.named_parameters():
+            if not name.startswith("temperature_raw"):  # T stays 1: u spread over (0, 1)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
     return controller
 
 
@@ -204,3 +206,13 @@ def test_route_rejects_bad_shapes_and_batch_changes():
     _, state = controller.route(features, mask)
     with pytest.raises(ValueError, match="batch"):
         controller.route(features[:1], mask[:1], state)
+
+
+def test_temperature_scales_the_logit():
+    controller = make_controller(MIXES["all-levels"], chunk_size=2, prefix_len=3)
+    with torch.no_grad():
+        for i, t in enumerate(controller.temperature_raw.values()):
+            t.fill_(-0.5 + i)
+    features, mask = inputs(2, 9, pads=(0, 2))
+    context, _ = controller.route(features, mask)
+    assert_matches_reference(controller, context, features, mask)

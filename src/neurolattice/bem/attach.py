@@ -3,14 +3,13 @@
 ``attach`` wraps the target modules in :class:`BEMLinear`, adds the controller as
 ``model.bem_controller`` and installs two hooks that run it once per forward:
 
-1. a forward pre-hook on the model reads ``attention_mask``, ``past_key_values`` (its
-   ``get_seq_length()``: 0 starts a fresh routing state, anything else must equal the state's
-   length) and ``inputs_embeds``;
-2. a forward hook on the input embedding (or on decoder layer ``route_layer``) routes from its
-   output; with ``inputs_embeds`` given and no ``route_layer``, the pre-hook routes from them.
+1. a forward pre-hook on the model (:meth:`BEMController.before_forward`);
+2. a forward hook on the input embedding, or on decoder layer ``route_layer``
+   (:meth:`BEMController.route_from`), which routes from that module's output.
 
-The routing context (``model.bem_controller.last``) is then read by every BEM layer. During
-decoding Hugging Face passes the mask of the whole sequence: its last T columns are the new ones.
+The routing context (``model.bem_controller.last``) is then read by every BEM layer. The hooks
+are bound methods of the controller, so a deep copy of an attached model routes with its own
+controller.
 """
 
 from __future__ import annotations
@@ -23,10 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import MODEL_TYPES, TABLES, BEMConfig
-from .controller import BEMController, RoutingContext
+from .controller import STATS, BEMController, RoutingContext, binary_entropy
 from .layer import BEMLinear, features_of
-
-STATS = ("slot_tokens", "norm", "norm_sq", "active", "entries", "uncertainty", "routing_entropy")
 
 
 def target_levels(model: nn.Module, config: BEMConfig) -> dict[str, str]:
@@ -98,10 +95,9 @@ def attach(model: nn.Module, config: BEMConfig) -> nn.Module:
     model.bem_controller = controller
     model.bem_config = config
     source = embeddings if config.route_layer is None else decoder_layers(model)[1][config.route_layer]
-    controller.hooks = [
-        model.register_forward_pre_hook(_pre_hook(controller, inspect.signature(model.forward)), with_kwargs=True),
-        source.register_forward_hook(lambda module, args, output: _route(controller, output)),
-    ]
+    controller.forward_args = tuple(inspect.signature(model.forward).parameters)
+    model.register_forward_pre_hook(controller.before_forward, with_kwargs=True)
+    source.register_forward_hook(controller.route_from)
     return model
 
 
@@ -109,46 +105,6 @@ def _layer_index(name: str, list_name: str) -> int:
     """The decoder-layer index in a module name (``model.layers.3.mlp.up_proj`` -> 3), -1 if none."""
     head = list_name + "."
     return int(name[len(head):].split(".", 1)[0]) if name.startswith(head) else -1
-
-
-def _pre_hook(controller: BEMController, signature: inspect.Signature) -> Callable:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        arguments = signature.bind_partial(*args, **kwargs).arguments
-        cache = arguments.get("past_key_values")
-        cached = 0 if cache is None else cache.get_seq_length()
-        state = None
-        if cached:
-            length = None if controller.state is None else controller.state.length
-            if length != cached:
-                raise ValueError(f"the KV cache holds {cached} positions but BEM routing has seen {length}: "
-                                 "continue the sequence the controller routed (beam reordering is not supported)")
-            state = controller.state
-        controller.pending = (arguments.get("attention_mask"), state)
-        embeds = arguments.get("inputs_embeds")
-        if embeds is not None and controller.config.route_layer is None:
-            _route(controller, embeds)
-
-    return hook
-
-
-def _route(controller: BEMController, output: Tensor | tuple) -> None:
-    """Route from a hooked module's output, once per model forward (the pre-hook arms it)."""
-    pending = controller.pending
-    if pending is None:
-        return
-    controller.pending = None
-    features = output[0] if isinstance(output, tuple) else output
-    mask, state = pending
-    length = features.shape[1]
-    if mask is None:
-        mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-    elif mask.dim() != 2 or mask.shape[1] < length:
-        raise ValueError(f"attention_mask must be [B, >= {length}] (2-D, covering the new tokens), "
-                         f"got {list(mask.shape)}")
-    controller.last, controller.state = controller.route(features, mask[:, -length:], state)
-    with torch.no_grad():
-        stats = _statistics(controller, controller.last)
-        controller.running = stats if controller.running is None else controller.running + stats
 
 
 def _controller(model: nn.Module) -> BEMController:
@@ -170,8 +126,12 @@ def _unwrap(model: nn.Module, replacement: Callable[[BEMLinear], nn.Module]) -> 
     for name, layer in bem_layers(model):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, replacement(layer))
-    for handle in controller.hooks:
-        handle.remove()
+    for module in model.modules():  # the hooks are the controller's bound methods (they survive a deepcopy)
+        for hooks, with_kwargs in ((module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs),
+                                   (module._forward_hooks, module._forward_hooks_with_kwargs)):
+            for key in [k for k, fn in hooks.items() if getattr(fn, "__self__", None) is controller]:
+                del hooks[key]
+                with_kwargs.pop(key, None)
     del model.bem_controller
     del model.bem_config
     return model
@@ -211,22 +171,6 @@ def routing(model: nn.Module) -> RoutingContext:
     return context
 
 
-def _level_terms(controller: BEMController, context: RoutingContext):
-    """Per level: (dynamic code, effective code) of the slots at that level [B, T, S_l, r],
-    the uncertainty [B, T, 1] and the real-token mask [B, T, 1] (float)."""
-    mask = context.mask[..., None].to(controller.c_static.dtype)
-    for level in controller.levels:
-        slots = controller.slots_of(level)
-        yield (context.dynamic[level].index_select(2, slots), context.codes[level].index_select(2, slots),
-               context.uncertainty[level], mask)
-
-
-def _binary_entropy(u: Tensor) -> Tensor:
-    """``-u log u - (1 - u) log(1 - u)`` in nats (u clamped away from 0 and 1)."""
-    u = u.clamp(1e-7, 1 - 1e-7)
-    return -(u * u.log() + (1 - u) * (1 - u).log())
-
-
 def regularizers(model: nn.Module) -> dict[str, Tensor]:
     """From the last forward, with grad: ``code_norm``, the mean over real tokens and slots of
     ``||c_dyn||^2``; ``entropy``, the mean binary entropy of the uncertainty ``u`` over real
@@ -234,28 +178,13 @@ def regularizers(model: nn.Module) -> dict[str, Tensor]:
     controller = _controller(model)
     context = routing(model)
     norm_sq = entropy = count = 0.0
-    for dynamic, _, u, mask in _level_terms(controller, context):
+    for dynamic, _, u, mask in controller.level_terms(context):
         slots = dynamic.shape[2]
         norm_sq = norm_sq + (dynamic.square().sum(-1) * mask).sum()
-        entropy = entropy + (_binary_entropy(u) * mask).sum() * slots
+        entropy = entropy + (binary_entropy(u) * mask).sum() * slots
         count = count + mask.sum() * slots
     count = count.clamp_min(1)
     return {"code_norm": norm_sq / count, "entropy": entropy / count}
-
-
-def _statistics(controller: BEMController, context: RoutingContext) -> Tensor:
-    """Sums (see :data:`STATS`) over real tokens and slots of one forward, as one tensor."""
-    totals = []
-    for dynamic, effective, u, mask in _level_terms(controller, context):
-        slots, rank = dynamic.shape[2], dynamic.shape[3]
-        norm = torch.linalg.vector_norm(dynamic, dim=-1)  # (B, T, S_l)
-        real = mask.sum()
-        totals.append(torch.stack([
-            real * slots, (norm * mask).sum(), (norm.square() * mask).sum(),
-            ((effective.abs() > 0.01).sum(-1) * mask).sum(), real * slots * rank,
-            (u * mask).sum() * slots, (_binary_entropy(u) * mask).sum() * slots,
-        ]))
-    return torch.stack(totals).sum(0)
 
 
 def telemetry(model: nn.Module) -> dict[str, float]:

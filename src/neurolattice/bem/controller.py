@@ -37,6 +37,15 @@ from torch import Tensor, nn
 
 from .config import LEVELS, BEMConfig
 
+# Telemetry sums kept per forward (see ``BEMController.statistics`` and ``attach.telemetry``).
+STATS = ("slot_tokens", "norm", "norm_sq", "active", "entries", "uncertainty", "routing_entropy")
+
+
+def binary_entropy(u: Tensor) -> Tensor:
+    """``-u log u - (1 - u) log(1 - u)`` in nats (u clamped away from 0 and 1)."""
+    u = u.clamp(1e-7, 1 - 1e-7)
+    return -(u * u.log() + (1 - u) * (1 - u).log())
+
 
 @dataclass
 class RoutingState:
@@ -75,19 +84,14 @@ class RoutingContext:
 
 
 class Head(nn.Module):
-    """``MLP(d_in -> hidden -> d_out)`` and the raw temperature ``t_raw`` of its uncertainty logit."""
+    """``MLP(d_in -> hidden -> d_out)`` with a GELU."""
 
     def __init__(self, d_in: int, hidden: int, d_out: int) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
-        self.temperature_raw = nn.Parameter(torch.tensor(math.log(math.e - 1)))  # softplus -> 1
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(x)
-
-    @property
-    def temperature(self) -> Tensor:
-        return F.softplus(self.temperature_raw)
 
 
 def ema_matrix(k: int, beta: float, device=None, dtype=None) -> Tensor:
@@ -132,6 +136,9 @@ class BEMController(nn.Module):
         if "chunk" in self.levels:
             self.heads["chunk"] = Head(2 * hidden, hidden, width)
         self.c_static = nn.Parameter(torch.ones(slots, rank))
+        # T = softplus(t_raw) per used level, initialised to 1.
+        self.temperature_raw = nn.ParameterDict(
+            {level: nn.Parameter(torch.tensor(math.log(math.e - 1))) for level in self.levels})
         for level in self.levels:
             index = torch.tensor([s for s, lv in enumerate(slot_levels) if lv == level])
             self.register_buffer(f"slots_{level}", index, persistent=False)
@@ -139,7 +146,12 @@ class BEMController(nn.Module):
         self.state: RoutingState | None = None  # where the last forward left the sequences
         self.pending: tuple | None = None  # (attention mask, state) armed by the model's pre-hook
         self.running: Tensor | None = None  # telemetry sums since they were last read
-        self.hooks: list = []  # the hook handles attach installed
+        self.forward_args: tuple[str, ...] = ()  # parameter names of the model's forward, set by attach
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting the controller drops what it holds from earlier forwards.
+        self.last = self.state = self.pending = self.running = None
+        return super()._apply(fn, recurse)
 
     @property
     def num_slots(self) -> int:
@@ -155,6 +167,46 @@ class BEMController(nn.Module):
                             torch.zeros(batch, p, h, device=device, dtype=dtype),
                             torch.zeros(batch, h, device=device, dtype=dtype),
                             torch.zeros(batch, d, device=device, dtype=dtype))
+
+    def before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the model: arm routing with the ``attention_mask`` and the state to
+        continue. ``past_key_values.get_seq_length()`` 0 (or no cache) starts fresh; anything else
+        must equal the state's length. With ``inputs_embeds`` and no ``route_layer``, route now."""
+        arguments = {**dict(zip(self.forward_args, args)), **kwargs}
+        cache = arguments.get("past_key_values")
+        cached = 0 if cache is None else cache.get_seq_length()
+        state = None
+        if cached:
+            length = None if self.state is None else self.state.length
+            if length != cached:
+                raise ValueError(f"the KV cache holds {cached} positions but BEM routing has seen {length}: "
+                                 "continue the sequence the controller routed (beam reordering is not supported)")
+            state = self.state
+        self.pending = (arguments.get("attention_mask"), state)
+        embeds = arguments.get("inputs_embeds")
+        if embeds is not None and self.config.route_layer is None:
+            self.route_from(model, (), embeds)
+
+    def route_from(self, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+        """Forward hook: route from the module's output ([B, T, H], or a tuple starting with it),
+        once per model forward (only when :meth:`before_forward` armed it). Keeps the context in
+        ``last``, the state in ``state`` and adds the telemetry sums to ``running`` (no sync).
+        During decoding Hugging Face passes the whole sequence's mask: its last T columns are new."""
+        if self.pending is None:
+            return
+        mask, state = self.pending
+        self.pending = None
+        features = output[0] if isinstance(output, tuple) else output
+        length = features.shape[1]
+        if mask is None:
+            mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+        elif mask.dim() != 2 or mask.shape[1] < length:
+            raise ValueError(f"attention_mask must be [B, >= {length}] (2-D, covering the new tokens), "
+                             f"got {list(mask.shape)}")
+        self.last, self.state = self.route(features, mask[:, -length:], state)
+        with torch.no_grad():
+            stats = self.statistics(self.last)
+            self.running = stats if self.running is None else self.running + stats
 
     def route(self, features: Tensor, mask: Tensor, state: RoutingState | None = None,
               ) -> tuple[RoutingContext, RoutingState]:
@@ -194,7 +246,7 @@ class BEMController(nn.Module):
         context = RoutingContext({}, {}, {}, mask)
         for level in self.levels:
             context.codes[level], context.dynamic[level], context.uncertainty[level] = self._codes(
-                vectors[level], self.heads[level].temperature)
+                vectors[level], F.softplus(self.temperature_raw[level]))
         new_state = RoutingState(state.length + length, seen, prefix, chunk_sum, ema).detach()
         return context, new_state
 
@@ -254,3 +306,26 @@ class BEMController(nn.Module):
         s = self.config.scaling
         effective = torch.addcmul(s * self.c_static, s * u[..., None], code - self.c_static)  # s (u c + (1-u) c_st)
         return effective, code, u
+
+    def level_terms(self, context: RoutingContext):
+        """Per level: (dynamic code, effective code) of the slots at that level [B, T, S_l, r],
+        the uncertainty [B, T, 1] and the real-token mask [B, T, 1] (float)."""
+        mask = context.mask[..., None].to(self.c_static.dtype)
+        for level in self.levels:
+            slots = self.slots_of(level)
+            yield (context.dynamic[level].index_select(2, slots), context.codes[level].index_select(2, slots),
+                   context.uncertainty[level], mask)
+
+    def statistics(self, context: RoutingContext) -> Tensor:
+        """The :data:`STATS` sums over real tokens and slots of one forward, as one tensor."""
+        totals = []
+        for dynamic, effective, u, mask in self.level_terms(context):
+            slots, rank = dynamic.shape[2], dynamic.shape[3]
+            norm = torch.linalg.vector_norm(dynamic, dim=-1)  # (B, T, S_l)
+            real = mask.sum()
+            totals.append(torch.stack([
+                real * slots, (norm * mask).sum(), (norm.square() * mask).sum(),
+                ((effective.abs() > 0.01).sum(-1) * mask).sum(), real * slots * rank,
+                (u * mask).sum() * slots, (binary_entropy(u) * mask).sum() * slots,
+            ]))
+        return torch.stack(totals).sum(0)

@@ -86,7 +86,7 @@ def _finish(controller: BEMController, level: str, vector: Tensor) -> tuple[Tens
         norm = torch.sqrt((code * code).sum())
         rows.append(code * (cfg.max_norm / norm) if norm > cfg.max_norm else code)
     dynamic = torch.stack(rows)
-    temperature = torch.log1p(torch.exp(controller.heads[level].temperature_raw))
+    temperature = torch.log1p(torch.exp(controller.temperature_raw[level]))
     u = torch.sigmoid(vector[-1:] / temperature)
     return cfg.scaling * (u * dynamic + (1 - u) * controller.c_static), dynamic, u
 
