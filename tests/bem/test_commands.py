@@ -93,7 +93,8 @@ def test_experiment_rows_and_parameter_counts(tmp_path, bases):
     assert rows["base"]["trainable_params"] == 0
     assert rows["lora (peft)"]["trainable_params"] == lora
     assert rows["bem-token"]["trainable_params"] > lora  # the same adapters plus the controller
-    assert rows["bem-imitation"]["trainable_params"] > 2 * lora // 2  # two rank-1 experts + controller
+    assert rows["bem-imitation"]["trainable_params"] > lora  # two rank-1 experts + controller
+    assert rows["bem-imitation"]["level"] == "prefix"
     for row in rows.values():
         assert 0 < row["python_bpb"] < 12 and 0 < row["prose_bpb"] < 12
 

@@ -12,7 +12,8 @@ domain's held-out text:
   (:class:`~neurolattice.bem.train.BEMTask`).
 * ``bem-imitation``: two static LoRAs of rank ``r / 2``, each trained on one domain alone for
   the same steps, stacked into a BEM of rank ``r`` (:func:`~neurolattice.bem.train.stack_experts`);
-  only the controller then trains, to output each row's expert code (expert imitation).
+  only the controller then trains, to output each row's expert code (expert imitation), at
+  the prefix level.
 
 It prints a table (held-out bits per byte per domain, trainable parameters) and writes the rows
 as JSON (``--json``) with the machine.
@@ -194,8 +195,10 @@ def run(args: argparse.Namespace) -> int:
             fine_tune(expert, task, cfg)
             experts.append(lora_weights(expert))
             expert_params += trainable(expert)
-        # Each expert's scaling is (alpha / 2) / (r / 2) = alpha / r, BEM's own scaling.
-        bem_cfg = BEMConfig(rank=rank, level=args.levels[0] if args.levels else "token")
+        # Each expert's scaling is (alpha / 2) / (r / 2) = alpha / r, BEM's own scaling. The
+        # domain is a property of the row: route at the prefix level (a token code from a
+        # byte's input embedding alone cannot know which domain the byte is in).
+        bem_cfg = BEMConfig(rank=rank, level="prefix")
         model = BEMModel(copy.deepcopy(base), bem_cfg)
         target = stack_experts(model, experts, bem_cfg.alpha / rank)
         for _, layer in model.lm.named_modules():
