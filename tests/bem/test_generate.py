@@ -51,3 +51,17 @@ def test_cached_generation_equals_recomputation(arch, level):
     with torch.no_grad():  # the adapters matter: the base model would have picked other tokens
         plain = base(input_ids=out.sequences, attention_mask=torch.ones_like(out.sequences)).logits.argmax(-1)
     assert not torch.equal(plain[:, 10:-1], out.sequences[:, 11:])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_beam_search_with_the_cache_equals_beam_search_without(arch):
+    """Beam search reorders the cache between steps; the routing state follows it."""
+    model = randomize_adapters(attach(MODELS[arch](), BEMConfig(rank=4, hidden=16, chunk_size=4, prefix_len=8,
+                                                                level="chunk")), std=1.0)
+    ids, mask = batch([9, 5], 9)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, num_beams=3, num_return_sequences=3,
+                  do_sample=False, pad_token_id=0, length_penalty=0.0, output_scores=True,
+                  return_dict_in_generate=True)
+    cached, recomputed = model.generate(**kwargs), model.generate(**kwargs, use_cache=False)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert (cached.sequences_scores - recomputed.sequences_scores).abs().max().item() <= 1e-4

@@ -67,6 +67,10 @@ class RoutingState:
     def detach(self) -> RoutingState:
         return RoutingState(self.length, self.seen, self.prefix.detach(), self.chunk_sum.detach(), self.ema.detach())
 
+    def select(self, rows: Tensor) -> RoutingState:
+        """The state of the sequences ``rows`` (beam search reorders its beams this way)."""
+        return RoutingState(self.length, self.seen[rows], self.prefix[rows], self.chunk_sum[rows], self.ema[rows])
+
 
 @dataclass
 class RoutingContext:
@@ -171,21 +175,37 @@ class BEMController(nn.Module):
     def before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the model: arm routing with the ``attention_mask`` and the state to
         continue. ``past_key_values.get_seq_length()`` 0 (or no cache) starts fresh; anything else
-        must equal the state's length. With ``inputs_embeds`` and no ``route_layer``, route now."""
+        must equal the state's length (a cache cropped or grown elsewhere is a one-line error);
+        the cache's ``reorder_cache`` (beam search) is made to reorder the state as well. With
+        ``inputs_embeds`` and no ``route_layer``, route now."""
         arguments = {**dict(zip(self.forward_args, args)), **kwargs}
         cache = arguments.get("past_key_values")
         cached = 0 if cache is None else cache.get_seq_length()
+        if cache is not None and getattr(cache, "bem_controller", None) is not self:
+            self._follow_reorders(cache)
         state = None
         if cached:
             length = None if self.state is None else self.state.length
             if length != cached:
                 raise ValueError(f"the KV cache holds {cached} positions but BEM routing has seen {length}: "
-                                 "continue the sequence the controller routed (beam reordering is not supported)")
+                                 "continue the sequence the controller routed (cropping a cache is not supported)")
             state = self.state
         self.pending = (arguments.get("attention_mask"), state)
         embeds = arguments.get("inputs_embeds")
         if embeds is not None and self.config.route_layer is None:
             self.route_from(model, (), embeds)
+
+    def _follow_reorders(self, cache) -> None:
+        """Make ``cache.reorder_cache(beam_idx)`` (beam search) reorder the routing state too."""
+        reorder = cache.reorder_cache
+
+        def reorder_cache(beam_idx: Tensor) -> None:
+            reorder(beam_idx)
+            if self.state is not None:
+                self.state = self.state.select(beam_idx.to(self.state.seen.device))
+
+        cache.reorder_cache = reorder_cache
+        cache.bem_controller = self
 
     def route_from(self, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
         """Forward hook: route from the module's output ([B, T, H], or a tuple starting with it),
