@@ -164,7 +164,7 @@ def test_detach_restores_the_model(arch):
     randomize_adapters(attach(model, BEMConfig(**SMALL)))
     detach(model)
     assert {n: type(m) for n, m in model.named_modules()} == types and set(model.state_dict()) == keys
-    assert not hasattr(model, "bem_config") and not model._forward_pre_hooks
+    assert not hasattr(model, "bem_config") and not model.base_model._forward_pre_hooks
     assert torch.equal(logits(model, ids, mask), base)
     attach(model, BEMConfig(**SMALL))  # attachable again
 
@@ -374,3 +374,13 @@ def test_training_step_reaches_every_bem_parameter_also_with_gradient_checkpoint
         assert not missing
         grads.append(torch.cat([p.grad.flatten() for p in groups["controller"] + groups["adapters"]]))
     assert (grads[0] - grads[1]).abs().max().item() <= 1e-5
+
+
+def test_calling_the_base_model_directly_routes_too():
+    model = randomize_adapters(attach(llama(), BEMConfig(**SMALL)))
+    ids, mask = inputs_for(model)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        logits(model, ids[:1, :5], mask[:1, :5])  # a different last routing context
+        body = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(body, full)

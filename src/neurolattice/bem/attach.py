@@ -3,7 +3,7 @@
 ``attach`` wraps the target modules in :class:`BEMLinear`, adds the controller as
 ``model.bem_controller`` and installs two hooks that run it once per forward:
 
-1. a forward pre-hook on the model (:meth:`BEMController.before_forward`);
+1. a forward pre-hook on the base model, ``model.base_model`` (:meth:`BEMController.before_forward`);
 2. a forward hook on the input embedding, or on decoder layer ``route_layer``
    (:meth:`BEMController.route_from`), which routes from that module's output.
 
@@ -95,8 +95,11 @@ def attach(model: nn.Module, config: BEMConfig) -> nn.Module:
     model.bem_controller = controller
     model.bem_config = config
     source = embeddings if config.route_layer is None else decoder_layers(model)[1][config.route_layer]
-    controller.forward_args = tuple(inspect.signature(model.forward).parameters)
-    model.register_forward_pre_hook(controller.before_forward, with_kwargs=True)
+    # The pre-hook sits on the base model (LlamaModel, GPT2Model): the causal-LM head passes it the
+    # mask and cache, and a direct call of the base model routes too.
+    body = getattr(model, "base_model", model)
+    controller.forward_args = tuple(inspect.signature(body.forward).parameters)
+    body.register_forward_pre_hook(controller.before_forward, with_kwargs=True)
     source.register_forward_hook(controller.route_from)
     return model
 
