@@ -8,13 +8,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 
 from neurolattice.bem import BEMConfig
 from neurolattice.bem.attach import regularizers
 from neurolattice.bem.data import DomainData
-from neurolattice.bem.experiment import lora_weights
 from neurolattice.bem.layer import BEMLinear
+from neurolattice.bem.peers import lora_weights, static_lora
 from neurolattice.bem.train import BEMModel, BEMTask, TaskConfig, base_fingerprint, imitation_loss, stack_experts
 from neurolattice.lm.config import LMConfig
 from neurolattice.lm.data import PackedDataset
@@ -116,18 +115,15 @@ def test_fingerprint_tells_base_models_apart():
 
 def test_stacked_experts_reproduce_each_lora_with_its_target_code():
     base = tiny_lm()
-    experts, loras = [], []
+    experts = []
     for e in range(2):
         torch.manual_seed(10 + e)
-        lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS,
-                                                              init_lora_weights=False))
-        loras.append(lora)
-        experts.append(lora_weights(lora))
+        experts.append(lora_weights(static_lora(base, 2, 4, TARGETS, random_b=True)))
     model = BEMModel(copy.deepcopy(base), BEMConfig(rank=4, alpha=8))
     target = stack_experts(model, experts, expert_scaling=2.0)  # lora_alpha / r
     assert target.shape == (2, model.lm.bem_controller.num_slots, 4)
     layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, BEMLinear)]
-    for e, lora in enumerate(loras):
+    for e in range(2):
         for name, layer in layers:
             a, b = experts[e][name]
             torch.testing.assert_close(layer.delta_weight(target[e, layer.slot]), 2.0 * b @ a)

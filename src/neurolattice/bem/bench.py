@@ -41,6 +41,7 @@ from neurolattice.lm.model import build_model
 
 from .attach import attach
 from .config import TABLES, BEMConfig
+from .peers import static_lora, x_lora
 
 HELP = "prefill and per-token decode latency and peak memory: base vs static LoRA (PEFT) vs BEM vs X-LoRA"
 METHODS = ("base", "lora", "bem-token", "bem-chunk", "bem-prefix", "xlora")
@@ -65,26 +66,21 @@ def base_model(preset: str, max_positions: int, device: str) -> nn.Module:
 
 def build(method: str, base: nn.Module, rank: int, adapter_dir: str) -> nn.Module:
     """A copy of ``base`` with ``method``'s adapters (random, non-zero), in eval mode."""
-    from peft import LoraConfig, XLoraConfig, get_peft_model
-
     torch.manual_seed(1)
-    model = copy.deepcopy(base)
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(TABLES["llama"]),
-                      init_lora_weights=False)
+    targets = list(TABLES["llama"])
     if method == "base":
-        return model
+        return copy.deepcopy(base)
     if method == "lora":
-        return get_peft_model(model, lora).eval()
+        return static_lora(base, rank, 2 * rank, targets, random_b=True).eval()
     if method.startswith("bem-"):
-        return attach(model, BEMConfig(rank=rank, alpha=2.0 * rank, level=method.removeprefix("bem-"))).eval()
+        bem = BEMConfig(rank=rank, alpha=2.0 * rank, level=method.removeprefix("bem-"))
+        return attach(copy.deepcopy(base), bem).eval()
     if method == "xlora":
         paths = {}
         for i in range(2):
-            get_peft_model(copy.deepcopy(base), lora).save_pretrained(f"{adapter_dir}/expert{i}")
             paths[str(i)] = f"{adapter_dir}/expert{i}"
-        model.config.use_cache = False
-        return get_peft_model(model, XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size,
-                                                 adapters=paths)).eval()
+            static_lora(base, rank, 2 * rank, targets, random_b=True).save_pretrained(paths[str(i)])
+        return x_lora(base, paths).eval()
     raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
 
 

@@ -37,6 +37,7 @@ from .commands import Base
 from .config import BEMConfig
 from .data import DOMAINS, DomainData, DomainDataConfig, load_domain_data
 from .layer import BEMLinear
+from .peers import lora_weights, static_lora
 from .train import BEMModel, BEMTask, TaskConfig, imitation_loss, stack_experts
 
 HELP = "two-domain fine-tune (Python + prose): base vs static LoRA (PEFT) vs BEM, held-out loss per domain"
@@ -87,29 +88,11 @@ def attached_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, BEMLinear)})
 
 
-def static_lora(base: nn.Module, rank: int, alpha: float, targets: list[str]) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                                          target_modules=targets))
-
-
 def fine_tune(model: nn.Module, task: Task, cfg: TrainConfig) -> dict[str, float]:
     """Train with the shared trainer (no checkpoints); the held-out figures of the end."""
     seed_everything(cfg.seed)
     record = Trainer(model, task, cfg).fit()
     return {k.removeprefix("eval_"): v for k, v in record.items() if k.startswith("eval_")}
-
-
-def lora_weights(peft_model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module name in the base model: (A [r, in], B [out, r])}`` of a PEFT LoRA."""
-    out = {}
-    for name, module in peft_model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            base_name = name.removeprefix("base_model.model.")
-            out[base_name] = (module.lora_A["default"].weight.detach().clone(),
-                              module.lora_B["default"].weight.detach().clone())
-    return out
 
 
 class DomainRows:
