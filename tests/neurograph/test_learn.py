@@ -6,7 +6,7 @@ import math
 import torch
 
 from neurolattice.neurograph import propagate
-from neurolattice.neurograph.learn import check_labels, loss_terms, train, train_step, update_indices
+from neurolattice.neurograph.learn import accuracy, check_labels, loss_terms, train, train_step, update_indices
 from neurolattice.neurograph.reference import SignalCache, reference_propagate
 
 from .conftest import features, make_net, small_config
@@ -57,18 +57,20 @@ def test_loss_terms_hidden_credit():
     run = propagate(net, net.project(features(3)), grad=True)
     y = torch.tensor([0, 1, 2])
     loss, ce, hidden = loss_terms(net, run, y)
-    assert torch.equal(loss, ce) and -1 <= float(hidden) <= 1
+    assert torch.equal(loss, ce) and -1 <= hidden.item() <= 1
     assert len(run.hidden_sample) > 0
 
 
 def test_training_fits_a_small_problem():
-    """Two separable classes: training accuracy rises above chance from the untrained network."""
-    config = small_config(n=60, n_input=12, n_output=2, D=2, N=64, M=64, t_min=1, epochs=15, batch_size=8,
-                          lr_input=2.0, input_scale=0.5, seed=1)
+    """Two separable classes, a 60-node graph (seed 1: training is not stable on every seed,
+    see docs/neurograph.md): the trained network classifies its training set."""
+    config = small_config(n=60, n_input=12, n_output=2, D=2, N=512, M=1024, t_min=1, epochs=15, batch_size=8,
+                          lr_input=0.5, input_scale=0.1, seed=1)
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(64) % 2
     x = torch.randn(64, 4, generator=gen, dtype=torch.float64) * 0.3 + (y[:, None] * 2.0 - 1.0)
     net = make_net(config, features=4)
-    history = train(net, x, y)
-    assert history[-1]["train_accuracy"] >= 0.85
+    untrained = accuracy(net, x, y)
+    train(net, x, y)
+    assert untrained < 0.7 and accuracy(net, x, y) >= 0.95
     check_labels(y, 2)
