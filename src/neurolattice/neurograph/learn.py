@@ -99,9 +99,9 @@ def predict(net: NeuroGraph, x: torch.Tensor, batch_size: int = 128) -> dict[str
     logits, steps, activity = [], [], torch.zeros(net.config.T_max, len(x), dtype=torch.long)
     for i in range(0, len(x), batch_size):
         run = propagate(net, net.project(x[i:i + batch_size]))
-        logits.append(readout(net, run))
-        steps.append(run.steps)
-        activity[:len(run.activity), i:i + batch_size] = run.activity
+        logits.append(readout(net, run).cpu())
+        steps.append(run.steps.cpu())
+        activity[:len(run.activity), i:i + batch_size] = run.activity.cpu()
     return {"logits": torch.cat(logits), "steps": torch.cat(steps), "activity": activity}
 
 
@@ -176,7 +176,7 @@ def evaluate(net: NeuroGraph, data) -> dict[str, Any]:
     from neurolattice.lattice.tasks import wilson_interval
 
     check_labels(data.y_test, net.config.n_output)
-    out = predict(net, data.x_test)
+    out = predict(net, data.x_test.to(net.P.device))
     correct = int((out["logits"].argmax(1) == data.y_test).sum())
     last = int(out["steps"].max())
     return {"accuracy": correct / len(data.y_test), "ci95": list(wilson_interval(correct, len(data.y_test))),
