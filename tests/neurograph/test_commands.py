@@ -95,6 +95,7 @@ def test_corrupt_checkpoint_and_other_config(trained, tmp_path, capsys):
 @pytest.mark.parametrize("bad, words", [
     (torch.zeros(2, 4, dtype=torch.float64), ["[*, 5]", "[2, 4]"]),
     (torch.zeros(5, dtype=torch.float64), ["[*, 5]", "[5]"]),
+    (torch.zeros(0, 5, dtype=torch.float64), ["B >= 1", "[0, 5]"]),
     (torch.zeros(2, 5, dtype=torch.long), ["floating", "int64"]),
     (torch.tensor([[0.0, 1.0, float("inf"), 0.0, 0.0]], dtype=torch.float64), ["NaN or inf"]),
     ([[0.0] * 5], ["torch.Tensor"]),

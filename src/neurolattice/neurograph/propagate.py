@@ -169,8 +169,8 @@ class NeuroGraph(nn.Module):
         """One-line ``ValueError`` unless ``x`` is a finite float ``[B, n_features]`` tensor."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"features must be a torch.Tensor [B, {self.n_features}], got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != self.n_features:
-            raise ValueError(f"features must be [B, F] = [*, {self.n_features}], got {list(x.shape)}")
+        if x.dim() != 2 or x.shape[1] != self.n_features or len(x) == 0:
+            raise ValueError(f"features must be [B, F] = [*, {self.n_features}] with B >= 1, got {list(x.shape)}")
         if not x.dtype.is_floating_point:
             raise ValueError(f"features must be floating point, got {x.dtype}")
         if not torch.isfinite(x).all():
