@@ -12,7 +12,8 @@ from neurolattice.neurograph.commands import load_run
 
 from .conftest import features, make_net, small_config
 
-SMALL = ["neurograph.n=230", "neurograph.n_input=20", "neurograph.epochs=1", "neurograph.t_min=1"]
+SMALL = ["neurograph.n=230", "neurograph.n_input=20", "neurograph.epochs=1", "neurograph.t_min=1",
+         "neurograph.restarts=1"]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,42 @@ def test_train_writes_figures_and_checkpoint(trained):
     assert 0 <= lo <= figures["accuracy"] <= hi <= 1
     assert figures["logistic_regression"] > 0.9
     assert (out / "latest").exists() and (out / "history.json").exists()
+
+
+def test_choices_never_read_the_held_out_split(tmp_path, monkeypatch):
+    """Two runs whose held-out features and labels differ (the second's are scrambled): the
+    chosen restart, the validation accuracies, the kept epoch and the saved network are the same;
+    only the held-out figures differ."""
+    from neurolattice.neurograph import learn
+
+    gen = np.random.default_rng(0)
+    y = np.arange(160) % 3
+    x = gen.normal(size=(3, 4))[y] * 2 + gen.normal(size=(160, 4)) * 0.5
+    data_path = _npz(tmp_path / "blobs.npz", x, y)
+    load = learn.load_data
+    args = ["neurograph.n=60", "neurograph.n_input=12", "neurograph.n_output=3", "neurograph.D=2",
+            "neurograph.epochs=3", "neurograph.restarts=2", "neurograph.probe_epochs=1", "neurograph.batch_size=16"]
+    runs = []
+    for scramble in (False, True):
+        def load_data(path, scramble=scramble):
+            data = load(path)
+            if scramble:
+                data.x_test = torch.randn(data.x_test.shape, generator=torch.Generator().manual_seed(5))
+                data.y_test = (data.y_test + 1) % 3
+            return data
+
+        monkeypatch.setattr(learn, "load_data", load_data)
+        out, path = tmp_path / f"run{int(scramble)}", tmp_path / f"run{int(scramble)}.json"
+        assert cli.main(["neurograph", "train", "--data", data_path, "--out", str(out), "--json", str(path),
+                         *args]) == 0
+        runs.append((json.loads(path.read_text()), load_run(str(out), data_path)[0]))
+    (first, net), (second, other) = runs
+    for key in ("chosen_seed", "restarts", "best_epoch", "validation_accuracy"):
+        assert first[key] == second[key], key
+    assert first["accuracy"] != second["accuracy"]
+    assert net.config.seed == first["chosen_seed"]
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, other.state_dict()[name]), name
 
 
 def test_eval_and_show(trained, tmp_path, capsys):
@@ -83,7 +120,7 @@ def test_corrupt_checkpoint_and_other_config(trained, tmp_path, capsys):
 
     out, _ = trained
     with pytest.raises(ValueError, match="config field 'neurograph.n'") as excinfo:
-        load_run(str(out), expected=NeuroGraphConfig(n=231, n_input=20, epochs=1, t_min=1))
+        load_run(str(out), expected=NeuroGraphConfig(n=231, n_input=20, epochs=1, t_min=1, restarts=1))
     assert "\n" not in str(excinfo.value)
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)

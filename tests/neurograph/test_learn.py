@@ -2,11 +2,22 @@
 and that training moves a small network towards the labels."""
 
 import math
+from dataclasses import replace
 
+import pytest
 import torch
 
-from neurolattice.neurograph import propagate
-from neurolattice.neurograph.learn import accuracy, check_labels, loss_terms, train, train_step, update_indices
+from neurolattice.neurograph import NeuroGraph, propagate
+from neurolattice.neurograph.learn import (
+    accuracy,
+    check_labels,
+    fit,
+    loss_terms,
+    train,
+    train_step,
+    update_indices,
+    validation_split,
+)
 from neurolattice.neurograph.reference import SignalCache, reference_propagate
 
 from .conftest import features, make_net, small_config
@@ -74,3 +85,86 @@ def test_training_fits_a_small_problem():
     train(net, x, y)
     assert untrained < 0.7 and accuracy(net, x, y) >= 0.95
     check_labels(y, 2)
+
+
+def _blobs(n=96, classes=3, width=4, seed=0):
+    """Gaussian blobs, one per class: a problem small networks learn in a few epochs."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    centres = torch.randn(classes, width, generator=gen, dtype=torch.float64) * 2
+    return centres[y] + torch.randn(n, width, generator=gen, dtype=torch.float64) * 0.5, y
+
+
+def _fit_config(**kwargs):
+    base = dict(n=60, n_input=12, n_output=3, D=2, N=512, M=1024, t_min=1, epochs=4, batch_size=16,
+                lr_input=0.5, input_scale=0.1, validation_fraction=0.25, restarts=3, probe_epochs=2, seed=4)
+    return small_config(**{**base, **kwargs})
+
+
+def test_validation_split_stratified_and_fixed():
+    y = torch.tensor([0] * 20 + [1] * 7 + [2] * 1 + [3] * 12)
+    y = y[torch.randperm(40, generator=torch.Generator().manual_seed(3))]
+    fit_rows, val_rows = validation_split(y, 0.25)
+    assert sorted(fit_rows.tolist() + val_rows.tolist()) == list(range(40))
+    assert torch.equal(fit_rows, fit_rows.sort().values) and torch.equal(val_rows, val_rows.sort().values)
+    assert torch.bincount(y[val_rows], minlength=4).tolist() == [5, 2, 0, 3]          # round(0.25 * count)
+    again = validation_split(y, 0.25)
+    assert torch.equal(again[0], fit_rows) and torch.equal(again[1], val_rows)
+    assert not torch.equal(validation_split(y, 0.25, seed=1)[1], val_rows)
+    with pytest.raises(ValueError, match="leaves 0 for validation"):
+        validation_split(torch.tensor([0, 1, 2]), 0.1)
+
+
+def test_fit_chooses_the_restart_and_epoch_best_on_validation():
+    """Every restart and every epoch recomputed independently: the chosen restart is the argmax
+    of the validation accuracies after the probe, and the returned network equals the chosen
+    seed's network trained for exactly ``best_epoch`` epochs, the epoch of the highest
+    validation accuracy."""
+    config = _fit_config()
+    x, y = _blobs()
+    result = fit(config, x, y)
+    fit_rows, val_rows = validation_split(y, config.validation_fraction)
+    x_fit, y_fit, x_val, y_val = x[fit_rows], y[fit_rows], x[val_rows], y[val_rows]
+    seeds = [config.seed * config.restarts + r for r in range(config.restarts)]
+    assert [r["seed"] for r in result.restarts] == seeds == [12, 13, 14]
+    probe_acc = []
+    for s in seeds:
+        net = NeuroGraph(replace(config, seed=s), 4, dtype=torch.float32)
+        train(net, x_fit, y_fit, epochs=config.probe_epochs)
+        probe_acc.append(accuracy(net, x_val, y_val))
+    assert [r["validation_accuracy"] for r in result.restarts] == probe_acc
+    assert result.seed == seeds[probe_acc.index(max(probe_acc))] == 14            # not the first restart
+    history = [h["validation_accuracy"] for h in result.history]
+    assert len(history) == config.epochs and all(h["seed"] == result.seed for h in result.history)
+    best = max(history)
+    assert result.validation_accuracy == best == accuracy(result.net, x_val, y_val)
+    assert result.best_epoch == max(i + 1 for i, v in enumerate(history) if v == best) == 2      # not the last
+    again = NeuroGraph(replace(config, seed=result.seed), 4, dtype=torch.float32)
+    train(again, x_fit, y_fit, epochs=result.best_epoch)
+    for name, value in again.state_dict().items():
+        assert torch.equal(value, result.net.state_dict()[name]), name
+
+
+def test_fit_without_validation_is_plain_training():
+    config = _fit_config(validation_fraction=0.0, restarts=1)
+    x, y = _blobs()
+    result = fit(config, x, y)
+    plain = NeuroGraph(config, 4, dtype=torch.float32)
+    history = train(plain, x, y)
+    assert result.validation_accuracy is None and result.best_epoch == config.epochs and result.seed == config.seed
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in history]
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, result.net.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(validation_fraction=1.0), "validation_fraction must be in [0, 1)"),
+    (dict(validation_fraction=-0.1), "validation_fraction must be in [0, 1)"),
+    (dict(validation_fraction=0.0, restarts=2), "needs a validation split"),
+    (dict(probe_epochs=5, epochs=4), "probe_epochs must be <= epochs = 4"),
+    (dict(restarts=0), "restarts must be >= 1"),
+])
+def test_selection_config_errors(kwargs, words):
+    with pytest.raises(ValueError) as excinfo:
+        _fit_config(**kwargs)
+    assert words in str(excinfo.value) and "\n" not in str(excinfo.value)

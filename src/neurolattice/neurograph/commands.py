@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ def build(data_path: str | None, config_file: str | None, overrides: list[str]) 
 def load_run(path: str, data_path: str | None = None,
              expected: NeuroGraphConfig | None = None) -> tuple[NeuroGraph, Any, dict[str, Any]]:
     """The trained network at ``path`` (run or step directory), its data (``data_path`` or the
-    run's own) and its saved run config. ``expected``: the config the checkpoint must have."""
+    run's own) and its saved run config. ``expected``: the config the checkpoint must have. The
+    network is built with the seed of the restart the run kept (``selection.seed``), so its
+    ``config.seed`` is that one."""
     saved = read_config(path)
     try:
         config = NeuroGraphConfig.from_dict(saved["neurograph"])
@@ -54,7 +57,8 @@ def load_run(path: str, data_path: str | None = None,
     if data.x_test.shape[1] != n_features:
         raise ValueError(f"the checkpoint expects {n_features} features per sample, "
                          f"the data has {data.x_test.shape[1]}")
-    net = NeuroGraph(config, n_features)
+    chosen = saved.get("selection", {}).get("seed", config.seed)         # the restart the run kept
+    net = NeuroGraph(replace(config, seed=chosen), n_features)
     load_checkpoint(path, net, {"neurograph": (expected or config).to_dict()})
     return net, data, saved
 
@@ -87,7 +91,8 @@ def _json_arg(parser: argparse.ArgumentParser) -> None:
 
 
 class Train:
-    HELP = "train a NeuroGraph network (digits by default), beside the untrained one and a logistic regression"
+    HELP = ("train a NeuroGraph network (digits by default; restarts and the epoch kept chosen on a validation split "
+            "of the training set), beside the untrained one and a logistic regression")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,22 +115,31 @@ class Train:
     def run(args: argparse.Namespace) -> int:
         config, data = args.config_obj, args.data_obj
         torch.manual_seed(config.seed)
-        net = NeuroGraph(config, data.x_train.shape[1])
-        print(net)
-        untrained = learn.evaluate(net, data)["accuracy"]
+        x_test, y_test = data.x_test, data.y_test
+
+        def report(entry: dict[str, Any], net: NeuroGraph) -> None:
+            entry["test_accuracy"] = learn.accuracy(net, x_test, y_test)       # for the plot; never for a choice
+            val = f", validation {entry['validation_accuracy']:.4f}" if "validation_accuracy" in entry else ""
+            print(f"restart {entry['restart']} (seed {entry['seed']}) epoch {entry['epoch']}: "
+                  f"loss {entry['loss']:.4f}, train accuracy {entry['train_accuracy']:.4f}{val}, "
+                  f"held-out {entry['test_accuracy']:.4f}, "
+                  f"active nodes {entry['active_nodes']:.0f}, steps {entry['steps']:.2f}", flush=True)
+
         start = time.perf_counter()
-        history = learn.train(net, data.x_train, data.y_train, data.x_test, data.y_test, on_epoch=lambda e: print(
-            f"epoch {e['epoch']}: loss {e['loss']:.4f}, train accuracy {e['train_accuracy']:.4f}, held-out "
-            f"{e['test_accuracy']:.4f}, active nodes {e['active_nodes']:.0f}, steps {e['steps']:.2f}", flush=True))
+        result = learn.fit(config, data.x_train, data.y_train, on_epoch=report)
         seconds = time.perf_counter() - start
-        run_config = {"neurograph": config.to_dict(),
+        net = result.net
+        print(net)
+        run_config = {"neurograph": config.to_dict(), "selection": {"seed": result.seed},
                       "data": {"path": args.data, "n_features": data.x_train.shape[1], "name": data.name}}
         ckpt = save_checkpoint(args.out, config.epochs, net, run_config)
-        atomic_write_json(Path(args.out) / HISTORY, history)
-        result = {**learn.evaluate(net, data), "untrained_accuracy": untrained,
-                  "logistic_regression": baseline_logistic(data), "train_seconds": seconds,
-                  "test_samples": len(data.y_test), "seed": config.seed}
-        _report(result, args.json)
+        atomic_write_json(Path(args.out) / HISTORY, result.history)
+        untrained = learn.evaluate(NeuroGraph(net.config, net.n_features), data)["accuracy"]
+        figures = {**learn.evaluate(net, data), "untrained_accuracy": untrained,
+                   "logistic_regression": baseline_logistic(data), "validation_accuracy": result.validation_accuracy,
+                   "best_epoch": result.best_epoch, "chosen_seed": result.seed, "restarts": result.restarts,
+                   "train_seconds": seconds, "test_samples": len(data.y_test), "seed": config.seed}
+        _report(figures, args.json)
         print(f"checkpoint: {ckpt}\nplots: neurolattice neurograph show {args.out}")
         return 0
 

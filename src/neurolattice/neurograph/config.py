@@ -10,9 +10,9 @@ from typing import Any
 from neurolattice.config import config_from_dict, config_to_dict
 
 INT_FIELDS = ("n", "n_input", "n_output", "fan_in", "N", "M", "D", "k", "T_max", "t_min", "epochs",
-              "batch_size", "seed")
+              "batch_size", "seed", "restarts", "probe_epochs")
 FLOAT_FIELDS = ("gamma", "tau", "input_strength", "input_scale", "logit_scale", "lr_phase", "lr_mag",
-                "threshold", "lr_input", "hidden_credit")
+                "threshold", "lr_input", "hidden_credit", "validation_fraction")
 
 
 @dataclass
@@ -48,7 +48,14 @@ class NeuroGraphConfig:
     hidden_credit: float = field(default=0.1, metadata={"help": "weight of the hidden nodes' -cos(s_i, e_y) term"})
     epochs: int = field(default=12, metadata={"help": "training epochs"})
     batch_size: int = field(default=32, metadata={"help": "samples per training batch"})
-    seed: int = field(default=0, metadata={"help": "seed of the graph, the parameters and the data order"})
+    seed: int = field(default=0, metadata={"help": "seed of the graph, the parameters and the data order "
+                                                   "(restart r uses seed * restarts + r)"})
+    validation_fraction: float = field(default=0.15, metadata={
+        "help": "fraction of the training set held back (stratified, fixed seed) to choose the restart and the "
+                "epoch kept; 0: train on all of it and keep the last epoch"})
+    restarts: int = field(default=3, metadata={
+        "help": "networks trained for probe_epochs each; the best on validation accuracy trains on (needs validation)"})
+    probe_epochs: int = field(default=2, metadata={"help": "epochs each restart trains before the choice"})
 
     def __post_init__(self) -> None:
         for name in INT_FIELDS:
@@ -59,7 +66,8 @@ class NeuroGraphConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("n_input", "n_output", "N", "M", "D", "T_max", "epochs", "batch_size"):
+        for name in ("n_input", "n_output", "N", "M", "D", "T_max", "epochs", "batch_size", "restarts",
+                     "probe_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("fan_in", "k", "t_min", "seed"):
@@ -78,6 +86,15 @@ class NeuroGraphConfig:
         for name in ("lr_phase", "lr_mag", "lr_input", "hidden_credit", "input_scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.restarts > 1 and self.validation_fraction == 0:
+            raise ValueError(f"restarts = {self.restarts} needs a validation split to choose from: "
+                             "set validation_fraction > 0 or restarts = 1")
+        if self.restarts > 1 and self.probe_epochs > self.epochs:
+            raise ValueError(f"probe_epochs must be <= epochs = {self.epochs} when restarts > 1, "
+                             f"got {self.probe_epochs}")
 
     @property
     def n_hidden(self) -> int:

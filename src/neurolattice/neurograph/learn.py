@@ -12,20 +12,28 @@
   the sign of ``acc`` (phase wraps mod ``N``, magnitude clamps to ``[0, M-1]``) and ``acc``
   restarts at 0.
 - The input projection (continuous) takes Adam steps at ``lr_input``.
+- Training (:func:`fit`): a validation split carved from the training set (never the held-out
+  one) picks the best of ``restarts`` networks after ``probe_epochs`` epochs, and the chosen
+  network's best epoch.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .config import NeuroGraphConfig
 from .propagate import NeuroGraph, Run, propagate, readout
 from .tables import signal
+
+VALIDATION_SEED = 0          # the validation split is the same for every network seed
 
 
 def check_labels(y: torch.Tensor, classes: int) -> None:
@@ -110,46 +118,149 @@ def accuracy(net: NeuroGraph, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict(net, x)["logits"].argmax(1) == y).float().mean())
 
 
-def train(net: NeuroGraph, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor | None = None,
-          y_test: torch.Tensor | None = None,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """``config.epochs`` epochs of :func:`train_step` over ``(x, y)`` in shuffled batches
-    (seeded by ``config.seed``), every learning rate scaled by a cosine decay from 1 to 0 over
-    the steps; after each epoch, the held-out accuracy when ``x_test`` is given.
-    Returns the history: one dict per epoch (``epoch``, ``loss``, ``train_accuracy``,
-    ``test_accuracy``, ``active_nodes``, ``steps``, ``moved``)."""
-    c = net.config
-    net.check_features(x)
-    check_labels(y, c.n_output)
-    if len(x) != len(y):
-        raise ValueError(f"features and labels must have the same number of rows, got {len(x)} and {len(y)}")
-    optimizer = torch.optim.Adam(net.proj.parameters(), lr=c.lr_input)
-    gen = torch.Generator().manual_seed(c.seed)
-    history = []
-    per_epoch = math.ceil(len(x) / c.batch_size)
-    total, done = c.epochs * per_epoch, 0
-    for epoch in range(1, c.epochs + 1):
-        order = torch.randperm(len(x), generator=gen)
+class Training:
+    """One network's training run over ``(x, y)``: Adam on the input projection, the data order
+    (a generator seeded by the network's ``config.seed``), every learning rate scaled by a cosine
+    decay from 1 to 0 over ``config.epochs`` epochs. :meth:`epoch` runs the next epoch, so a
+    run can stop after a few epochs (a restart's probe) and go on later on the same schedule."""
+
+    def __init__(self, net: NeuroGraph, x: torch.Tensor, y: torch.Tensor) -> None:
+        c = net.config
+        net.check_features(x)
+        check_labels(y, c.n_output)
+        if len(x) != len(y):
+            raise ValueError(f"features and labels must have the same number of rows, got {len(x)} and {len(y)}")
+        self.net, self.x, self.y = net, x, y
+        self.optimizer = torch.optim.Adam(net.proj.parameters(), lr=c.lr_input)
+        self.gen = torch.Generator().manual_seed(c.seed)
+        self.total = c.epochs * math.ceil(len(x) / c.batch_size)
+        self.done = self.epochs_done = 0
+
+    def epoch(self) -> dict[str, Any]:
+        """One epoch of :func:`train_step` over shuffled batches; returns its entry (``epoch``,
+        ``loss``, ``train_accuracy``, ``active_nodes``, ``steps``, ``moved``)."""
+        c, x, y = self.net.config, self.x, self.y
+        self.epochs_done += 1
+        order = torch.randperm(len(x), generator=self.gen)
         totals = {"loss": 0.0, "correct": 0, "moved": 0, "active": 0.0, "steps": 0.0}
         batches = range(0, len(x), c.batch_size)
-        with tqdm(batches, desc=f"neurograph epoch {epoch}/{c.epochs}", unit="batch", disable=None, leave=False) as bar:
+        with tqdm(batches, desc=f"neurograph epoch {self.epochs_done}/{c.epochs}", unit="batch", disable=None,
+                  leave=False) as bar:
             for i in bar:
                 idx = order[i:i + c.batch_size]
-                factor = 0.5 * (1 + math.cos(math.pi * done / total))
-                stats = train_step(net, optimizer, x[idx], y[idx], lr_factor=factor)
-                done += 1
+                factor = 0.5 * (1 + math.cos(math.pi * self.done / self.total))
+                stats = train_step(self.net, self.optimizer, x[idx], y[idx], lr_factor=factor)
+                self.done += 1
                 for key in totals:
                     totals[key] += stats[key] * (len(idx) if key in ("loss", "active", "steps") else 1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", active=f"{stats['active']:.0f}")
-        entry = {"epoch": epoch, "loss": totals["loss"] / len(x), "train_accuracy": totals["correct"] / len(x),
-                 "active_nodes": totals["active"] / len(x), "steps": totals["steps"] / len(x),
-                 "moved": totals["moved"]}
-        if x_test is not None:
-            entry["test_accuracy"] = accuracy(net, x_test, y_test)
-        history.append(entry)
+        return {"epoch": self.epochs_done, "loss": totals["loss"] / len(x),
+                "train_accuracy": totals["correct"] / len(x), "active_nodes": totals["active"] / len(x),
+                "steps": totals["steps"] / len(x), "moved": totals["moved"]}
+
+
+def train(net: NeuroGraph, x: torch.Tensor, y: torch.Tensor, epochs: int | None = None,
+          on_epoch: Callable[[dict[str, Any], NeuroGraph], None] | None = None) -> list[dict[str, Any]]:
+    """``epochs`` (default ``config.epochs``) epochs of :class:`Training` of ``net`` on
+    ``(x, y)``; returns the history (one entry per epoch). ``on_epoch(entry, net)`` after each."""
+    run = Training(net, x, y)
+    history = []
+    for _ in range(net.config.epochs if epochs is None else epochs):
+        history.append(run.epoch())
         if on_epoch is not None:
-            on_epoch(entry)
+            on_epoch(history[-1], net)
     return history
+
+
+def validation_split(y: torch.Tensor, fraction: float,
+                     seed: int = VALIDATION_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified split of the training rows ``[0, len(y))`` into ``(fit, validation)`` index
+    tensors (sorted): for each class, a permutation drawn from a generator seeded by ``seed``
+    (fixed, independent of the network's seed), and its first ``round(fraction * count)`` rows go
+    to validation. Only ``y`` (the training labels) is read."""
+    gen = torch.Generator().manual_seed(seed)
+    val = []
+    for label in torch.unique(y):
+        rows = (y == label).nonzero().squeeze(1)
+        val.append(rows[torch.randperm(len(rows), generator=gen)[:round(fraction * len(rows))]])
+    is_val = torch.zeros(len(y), dtype=torch.bool)
+    is_val[torch.cat(val)] = True
+    if not is_val.any() or is_val.all():
+        raise ValueError(f"validation_fraction {fraction} of {len(y)} training samples leaves "
+                         f"{int(is_val.sum())} for validation and {int((~is_val).sum())} for training; both need >= 1")
+    return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
+
+
+@dataclass
+class Fit:
+    """What :func:`fit` returns: the trained ``net``, the ``history`` of the chosen run (one
+    entry per epoch, with ``validation_accuracy`` when there is a validation split), the
+    ``restarts`` (``seed`` and ``validation_accuracy`` after the probe, for each), the chosen
+    ``seed``, the kept ``best_epoch`` and its ``validation_accuracy`` (None without validation)."""
+
+    net: NeuroGraph
+    history: list[dict[str, Any]]
+    restarts: list[dict[str, Any]]
+    seed: int
+    best_epoch: int
+    validation_accuracy: float | None
+
+
+def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
+        on_epoch: Callable[[dict[str, Any], NeuroGraph], None] | None = None) -> Fit:
+    """Train a network for ``(x, y)`` (the training split only) with restarts and best-epoch
+    selection on a validation split carved from it.
+
+    1. ``validation_fraction > 0``: :func:`validation_split` holds that fraction of ``(x, y)``
+       back; the networks train on the rest.
+    2. ``restarts`` networks, seeds ``seed * restarts + r`` (``r < restarts``; disjoint sets for
+       different seeds, and ``restarts = 1`` is the network of ``seed``), each train
+       ``probe_epochs`` epochs of their ``epochs``-epoch schedule; the one with the highest
+       validation accuracy after the probe (the first on ties) goes on to ``epochs``.
+    3. The chosen run's epoch with the highest validation accuracy (the latest on ties) is the
+       one kept. Without validation (``validation_fraction = 0``, then ``restarts = 1``): the last.
+
+    ``on_epoch(entry, net)`` is called after every epoch of every run (``entry`` has
+    ``restart`` and ``seed``); it may add keys to ``entry`` (the CLI adds the held-out accuracy
+    for the plot), and nothing it adds is read here.
+    """
+    if config.validation_fraction > 0:
+        fit_rows, val_rows = validation_split(y, config.validation_fraction)
+        x_fit, y_fit, x_val, y_val = x[fit_rows], y[fit_rows], x[val_rows], y[val_rows]
+    else:
+        x_fit, y_fit, x_val, y_val = x, y, None, None
+    seeds = [config.seed * config.restarts + r for r in range(config.restarts)]
+    runs = [Training(NeuroGraph(replace(config, seed=s), x.shape[1]), x_fit, y_fit) for s in seeds]
+    histories: list[list[dict[str, Any]]] = [[] for _ in runs]
+    best: list[tuple[float, int, dict[str, torch.Tensor]] | None] = [None] * len(runs)
+
+    def advance(r: int) -> None:
+        net = runs[r].net
+        entry = {**runs[r].epoch(), "restart": r, "seed": seeds[r]}
+        if x_val is not None:
+            entry["validation_accuracy"] = accuracy(net, x_val, y_val)
+            if best[r] is None or entry["validation_accuracy"] >= best[r][0]:
+                best[r] = (entry["validation_accuracy"], entry["epoch"], copy.deepcopy(net.state_dict()))
+        histories[r].append(entry)
+        if on_epoch is not None:
+            on_epoch(entry, net)
+
+    probe = config.probe_epochs if config.restarts > 1 else 0
+    for r in range(len(runs)):
+        for _ in range(probe):
+            advance(r)
+    chosen = 0 if probe == 0 else max(range(len(runs)), key=lambda r: (histories[r][-1]["validation_accuracy"], -r))
+    for _ in range(config.epochs - probe):
+        advance(chosen)
+    net = runs[chosen].net
+    restarts = [{"seed": s, "validation_accuracy": h[probe - 1]["validation_accuracy"] if probe else None}
+                for s, h in zip(seeds, histories)]
+    if best[chosen] is None:
+        return Fit(net, histories[chosen], restarts, seeds[chosen], config.epochs, None)
+    val_acc, epoch, state = best[chosen]
+    net.load_state_dict(state)
+    net.version += 1
+    return Fit(net, histories[chosen], restarts, seeds[chosen], epoch, val_acc)
 
 
 def load_data(path: str | None):

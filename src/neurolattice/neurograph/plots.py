@@ -19,13 +19,15 @@ def _save(fig, path: Path) -> Path:
 
 
 def training_curves(history: list[dict[str, Any]], out: Path) -> Path:
-    """Train and held-out accuracy per epoch, and the mean active nodes per sample (summed
-    over its timesteps) on a second axis."""
+    """Train, validation and held-out accuracy per epoch of the chosen run, and the mean active
+    nodes per sample (summed over its timesteps) on a second axis."""
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train accuracy")
-    if all("test_accuracy" in h for h in history):
-        ax.plot(epochs, [h["test_accuracy"] for h in history], "s-", label="held-out accuracy")
+    for key, style, label in (("validation_accuracy", "d-", "validation accuracy"),
+                              ("test_accuracy", "s-", "held-out accuracy")):
+        if all(key in h for h in history):
+            ax.plot(epochs, [h[key] for h in history], style, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
