@@ -33,6 +33,7 @@ from neurolattice.bench.harness import machine_info
 from neurolattice.bench.report import Column, Table, format_machine, write_results
 from neurolattice.train import Task, TrainConfig, Trainer, seed_everything
 
+from .attach import target_levels
 from .commands import Base
 from .config import BEMConfig
 from .data import DOMAINS, DomainData, DomainDataConfig, load_domain_data
@@ -81,11 +82,6 @@ def check(args: argparse.Namespace) -> None:
 
 def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def attached_names(model: nn.Module) -> list[str]:
-    """The module-name suffixes BEM attached to (``q_proj``, ...): PEFT's ``target_modules``."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, BEMLinear)})
 
 
 def fine_tune(model: nn.Module, task: Task, cfg: TrainConfig) -> dict[str, float]:
@@ -144,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
           f"({', '.join(f'{d}: {len(data.heldout[d])} held-out rows' for d in DOMAINS)}); "
           f"{cfg.steps} steps of {cfg.batch_size} rows per method")
 
-    def add(method: str, level: str, model: nn.Module, figures: dict[str, float], started: float, params: int) -> None:
+    def add(method: str, level: str, figures: dict[str, float], started: float, params: int) -> None:
         row = {"method": method, "level": level, "rank": rank, "trainable_params": params,
                **{f"{d}_{k}": figures[f"{d}_{k}"] for d in DOMAINS for k in ("bpb", "loss")},
                "mean_bpb": figures["bpb"], "minutes": (time.monotonic() - started) / 60}
@@ -154,24 +150,26 @@ def run(args: argparse.Namespace) -> int:
     print(table.header())
     started = time.monotonic()
     with torch.no_grad():
-        add("base", "-", base, eval_task.evaluate(base.eval()), started, 0)
+        add("base", "-", eval_task.evaluate(base.eval()), started, 0)
 
-    probe = BEMModel(copy.deepcopy(base), bem_defaults)
-    targets = attached_names(probe.lm)
+    targets = list(target_levels(base, bem_defaults))  # PEFT's target_modules: the modules BEM wraps
     started = time.monotonic()
+    seed_everything(cfg.seed)  # every adapter's initialisation from the same seed, run after run
     lora = static_lora(base, rank, bem_defaults.alpha, targets)
-    add("lora (peft)", "-", lora, fine_tune(lora, eval_task, cfg), started, trainable(lora))
+    add("lora (peft)", "-", fine_tune(lora, eval_task, cfg), started, trainable(lora))
 
     for level in args.levels:
         started = time.monotonic()
         bem_cfg = BEMConfig(rank=rank, level=level)
+        seed_everything(cfg.seed)
         model = BEMModel(copy.deepcopy(base), bem_cfg)
-        add(f"bem-{level}", level, model, fine_tune(model, BEMTask(data, bem_cfg), cfg), started, trainable(model))
+        add(f"bem-{level}", level, fine_tune(model, BEMTask(data, bem_cfg), cfg), started, trainable(model))
 
     if not args.no_imitation:
         started = time.monotonic()
         experts, expert_params = [], 0
         for d in range(len(DOMAINS)):
+            seed_everything(cfg.seed + d)
             expert = static_lora(base, rank // 2, bem_defaults.alpha / 2, targets)
             task = BEMTask(data, None, TaskConfig())
             task.train_data = DomainRows(data, d)
@@ -182,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         # domain is a property of the row: route at the prefix level (a token code from a
         # byte's input embedding alone cannot know which domain the byte is in).
         bem_cfg = BEMConfig(rank=rank, level="prefix")
+        seed_everything(cfg.seed)
         model = BEMModel(copy.deepcopy(base), bem_cfg)
         target = stack_experts(model, experts, bem_cfg.alpha / rank)
         for _, layer in model.lm.named_modules():
@@ -189,11 +188,10 @@ def run(args: argparse.Namespace) -> int:
                 layer.U.requires_grad_(False)
                 layer.V.requires_grad_(False)
         controller_params = trainable(model)
-        seed_everything(cfg.seed)
         Trainer(model, ImitationTask(data, target), cfg).fit()
         with torch.no_grad():
             figures = eval_task.evaluate(model.eval())
-        add("bem-imitation", bem_cfg.level, model, figures, started, expert_params + controller_params)
+        add("bem-imitation", bem_cfg.level, figures, started, expert_params + controller_params)
 
     if args.json:
         path = write_results(args.json, rows, machine_info("cpu"))
