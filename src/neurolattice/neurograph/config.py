@@ -55,7 +55,8 @@ class NeuroGraphConfig:
                 "epoch kept; 0: train on all of it and keep the last epoch"})
     restarts: int = field(default=3, metadata={
         "help": "networks trained for probe_epochs each; the best on validation accuracy trains on (needs validation)"})
-    probe_epochs: int = field(default=2, metadata={"help": "epochs each restart trains before the choice"})
+    probe_epochs: int = field(default=0, metadata={
+        "help": "epochs each restart trains before the choice; 0: all epochs (independent runs, the best kept)"})
 
     def __post_init__(self) -> None:
         for name in INT_FIELDS:
@@ -66,11 +67,10 @@ class NeuroGraphConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("n_input", "n_output", "N", "M", "D", "T_max", "epochs", "batch_size", "restarts",
-                     "probe_epochs"):
+        for name in ("n_input", "n_output", "N", "M", "D", "T_max", "epochs", "batch_size", "restarts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("fan_in", "k", "t_min", "seed"):
+        for name in ("fan_in", "k", "t_min", "seed", "probe_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n < self.n_input + self.n_output:

@@ -13,8 +13,7 @@
   restarts at 0.
 - The input projection (continuous) takes Adam steps at ``lr_input``.
 - Training (:func:`fit`): a validation split carved from the training set (never the held-out
-  one) picks the best of ``restarts`` networks after ``probe_epochs`` epochs, and the chosen
-  network's best epoch.
+  one) picks the best of ``restarts`` networks and the chosen network's best epoch.
 """
 
 from __future__ import annotations
@@ -195,7 +194,7 @@ def validation_split(y: torch.Tensor, fraction: float,
 class Fit:
     """What :func:`fit` returns: the trained ``net``, the ``history`` of the chosen run (one
     entry per epoch, with ``validation_accuracy`` when there is a validation split), the
-    ``restarts`` (``seed`` and ``validation_accuracy`` after the probe, for each), the chosen
+    ``restarts`` (``seed`` and best ``validation_accuracy`` over the probe, for each), the chosen
     ``seed``, the kept ``best_epoch`` and its ``validation_accuracy`` (None without validation)."""
 
     net: NeuroGraph
@@ -215,8 +214,9 @@ def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
        back; the networks train on the rest.
     2. ``restarts`` networks, seeds ``seed * restarts + r`` (``r < restarts``; disjoint sets for
        different seeds, and ``restarts = 1`` is the network of ``seed``), each train
-       ``probe_epochs`` epochs of their ``epochs``-epoch schedule; the one with the highest
-       validation accuracy after the probe (the first on ties) goes on to ``epochs``.
+       ``probe_epochs`` epochs (0: all ``epochs``) of their ``epochs``-epoch schedule; the one
+       with the highest validation accuracy at any of those epochs (the first on ties) goes on
+       to ``epochs``.
     3. The chosen run's epoch with the highest validation accuracy (the latest on ties) is the
        one kept. Without validation (``validation_fraction = 0``, then ``restarts = 1``): the last.
 
@@ -245,16 +245,15 @@ def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
         if on_epoch is not None:
             on_epoch(entry, net)
 
-    probe = config.probe_epochs if config.restarts > 1 else 0
+    probe = (config.probe_epochs or config.epochs) if config.restarts > 1 else 0
     for r in range(len(runs)):
         for _ in range(probe):
             advance(r)
-    chosen = 0 if probe == 0 else max(range(len(runs)), key=lambda r: (histories[r][-1]["validation_accuracy"], -r))
+    chosen = 0 if probe == 0 else max(range(len(runs)), key=lambda r: (best[r][0], -r))
     for _ in range(config.epochs - probe):
         advance(chosen)
     net = runs[chosen].net
-    restarts = [{"seed": s, "validation_accuracy": h[probe - 1]["validation_accuracy"] if probe else None}
-                for s, h in zip(seeds, histories)]
+    restarts = [{"seed": s, "validation_accuracy": b[0] if probe else None} for s, b in zip(seeds, best)]
     if best[chosen] is None:
         return Fit(net, histories[chosen], restarts, seeds[chosen], config.epochs, None)
     val_acc, epoch, state = best[chosen]
