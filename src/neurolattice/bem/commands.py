@@ -11,7 +11,6 @@ loading adapters onto another base model is refused with one line.
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from neurolattice.train import (
     resolve_checkpoint,
     seed_everything,
 )
+from neurolattice.train.options import add_run_arguments, check_run_arguments, deadline
 
 from .attach import detach
 from .config import BEMConfig
@@ -113,21 +113,12 @@ class Train:
         parser.add_argument("--base", required=True, metavar="CKPT",
                             help="base LM: a run or step directory of `neurolattice lm train`")
         parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [bem], [data], [task], [train]")
-        parser.add_argument("--out", default="runs/bem", help="run directory (default: %(default)s)")
-        parser.add_argument("--max-minutes", type=float, metavar="M",
-                            help="stop, with a checkpoint, at the first logging step after M minutes")
-        parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+        add_run_arguments(parser, "runs/bem")
         parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
-        if args.max_minutes is not None and not args.max_minutes >= 0:
-            raise ValueError(f"--max-minutes must be >= 0, got {args.max_minutes}")
-        has_run = (Path(args.out) / "latest").exists()
-        if args.resume and not has_run:
-            raise ValueError(f"--resume: {args.out} holds no run to continue")
-        if not args.resume and has_run:
-            raise ValueError(f"{args.out} already holds a run: pass --resume, or choose another --out")
+        check_run_arguments(args)
         args.configs = build_configs(args.config, args.overrides)
         bem, data, task_cfg, _ = args.configs
         args.base = Base.load(args.base)
@@ -145,7 +136,7 @@ class Train:
 
 
 def _train(args: argparse.Namespace, device: torch.device) -> None:
-    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+    stop_at = deadline(args)
     bem, data, task_cfg, train = args.configs
     out = Path(args.out)
     seed_everything(train.seed)
@@ -158,7 +149,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> None:
             trainer.resume()
     except ValueError as err:
         args.command_parser.error(str(err))
-    record = trainer.fit(deadline=deadline)
+    record = trainer.fit(deadline=stop_at)
     if distributed.is_main():
         if trainer.step < train.steps:
             print(f"stopped at step {trainer.step} of {train.steps}: --max-minutes {args.max_minutes} ran out")

@@ -15,7 +15,6 @@ Each command has the shape :mod:`neurolattice.cli` expects: ``HELP``, ``add_argu
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from neurolattice.train import (
     resolve_checkpoint,
     seed_everything,
 )
+from neurolattice.train.options import add_run_arguments, check_run_arguments, deadline
 
 from .config import PRESETS, LMConfig
 from .data import ByteTokenizer, LMData, load_lm_data
@@ -124,21 +124,12 @@ class Train:
         parser.add_argument("--data", metavar="DIR", help="folder of text files (default: the standard library)")
         parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default: tiny)")
         parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [model], [data], [train]")
-        parser.add_argument("--out", default="runs/lm", help="run directory (default: %(default)s)")
-        parser.add_argument("--max-minutes", type=float, metavar="M",
-                            help="stop, with a checkpoint, at the first logging step after M minutes")
-        parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+        add_run_arguments(parser, "runs/lm")
         parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
-        if args.max_minutes is not None and not args.max_minutes >= 0:
-            raise ValueError(f"--max-minutes must be >= 0, got {args.max_minutes}")
-        has_run = (Path(args.out) / "latest").exists()
-        if args.resume and not has_run:
-            raise ValueError(f"--resume: {args.out} holds no run to continue")
-        if not args.resume and has_run:
-            raise ValueError(f"{args.out} already holds a run: pass --resume, or choose another --out")
+        check_run_arguments(args)
         args.configs = build_configs(args.preset, args.data, args.config, args.overrides)
         lm, data, _ = args.configs
         args.task = LMTask(data.load(), lm)
@@ -153,7 +144,7 @@ class Train:
 
 
 def _train(args: argparse.Namespace, device: torch.device) -> None:
-    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+    stop_at = deadline(args)
     lm, data, train = args.configs
     out = Path(args.out)
     seed_everything(train.seed)
@@ -166,7 +157,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> None:
         args.command_parser.error(str(err))
     if distributed.is_main():
         atomic_write_json(out / HELDOUT_FILES, args.task.data.heldout_files)
-    record = trainer.fit(deadline=deadline)
+    record = trainer.fit(deadline=stop_at)
     if distributed.is_main():
         if trainer.step < train.steps:
             print(f"stopped at step {trainer.step} of {train.steps}: --max-minutes {args.max_minutes} ran out")
