@@ -19,8 +19,8 @@ import torch
 
 from neurolattice.config import config_from_dict, config_to_dict, layered_config, sections_help
 from neurolattice.io import atomic_write_json
+from neurolattice.lm.commands import add_sampling_arguments, check_sampling, continue_prompt
 from neurolattice.lm.commands import load_run as load_lm_run
-from neurolattice.lm.data import ByteTokenizer
 from neurolattice.train import (
     TrainConfig,
     Trainer,
@@ -193,33 +193,15 @@ class Generate:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("ckpt", metavar="CKPT", help="BEM run directory or one of its step directories")
-        parser.add_argument("--prompt", required=True, help="text to continue (it starts a document)")
         parser.add_argument("--base", metavar="CKPT", help="base LM (default: the one the adapters were trained on)")
-        parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
-                            help="bytes to generate at most (default: %(default)s)")
-        parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
-        parser.add_argument("--greedy", action="store_true", help="take the most likely byte (no sampling)")
-        parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+        add_sampling_arguments(parser)
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
-        if not args.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {args.temperature}")
         _, args.base_run, args.model, _ = load_bem_run(args.ckpt, args.base)
-        context = 1 + len(args.prompt.encode("utf-8"))
-        if not 1 <= args.max_new_tokens <= args.base_run.seq_len - context:
-            raise ValueError(f"the prompt ({context - 1} bytes) + --max-new-tokens {args.max_new_tokens} must fit "
-                             f"in the model's context of {args.base_run.seq_len} tokens, with at least 1 new token")
+        check_sampling(args, args.base_run.seq_len)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        tokenizer, eod = ByteTokenizer(), args.base_run.eod_id
-        ids = torch.cat([torch.tensor([eod]), tokenizer.encode(args.prompt)])[None]  # (1, T)
-        sampling = {"do_sample": False} if args.greedy else {
-            "do_sample": True, "temperature": args.temperature, "top_k": 0}
-        torch.manual_seed(args.seed)
-        with torch.no_grad():
-            out = args.model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=eod,
-                                      pad_token_id=eod, max_new_tokens=args.max_new_tokens, **sampling)
-        print(args.prompt + tokenizer.decode(out[0, ids.shape[1]:]))
+        print(continue_prompt(args.model, args.base_run.eod_id, args))
         return 0

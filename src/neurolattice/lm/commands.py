@@ -202,34 +202,51 @@ class Sample:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("ckpt", metavar="CKPT", help="run directory or one of its step directories")
-        parser.add_argument("--prompt", required=True, help="text to continue (it starts a document)")
-        parser.add_argument("--max-new-tokens", type=int, metavar="N",
-                            help="bytes to generate at most (default: the rest of the model's context)")
-        parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
-        parser.add_argument("--greedy", action="store_true", help="take the most likely byte (no sampling)")
-        parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+        add_sampling_arguments(parser)
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
-        if not args.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {args.temperature}")
         args.lm, _, args.model = load_run(args.ckpt)
-        context = 1 + len(args.prompt.encode("utf-8"))  # end-of-document, then the prompt
-        room = args.lm.seq_len - context
-        args.max_new_tokens = room if args.max_new_tokens is None else args.max_new_tokens
-        if not 1 <= args.max_new_tokens <= room:
-            raise ValueError(f"the prompt ({context - 1} bytes) + --max-new-tokens {args.max_new_tokens} must fit "
-                             f"in the model's context of {args.lm.seq_len} tokens, with at least 1 new token")
+        check_sampling(args, args.lm.seq_len)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        tokenizer, eod = ByteTokenizer(), args.lm.eod_id
-        ids = torch.cat([torch.tensor([eod]), tokenizer.encode(args.prompt)])[None]  # (1, T)
-        sampling = {"do_sample": False} if args.greedy else {
-            "do_sample": True, "temperature": args.temperature, "top_k": 0}
-        torch.manual_seed(args.seed)
-        with torch.no_grad():
-            out = args.model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=eod,
-                                      pad_token_id=eod, max_new_tokens=args.max_new_tokens, **sampling)
-        print(args.prompt + tokenizer.decode(out[0, ids.shape[1]:]))
+        print(continue_prompt(args.model, args.lm.eod_id, args))
         return 0
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--prompt``, ``--max-new-tokens``, ``--temperature``, ``--greedy``, ``--seed``."""
+    parser.add_argument("--prompt", required=True, help="text to continue (it starts a document)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help="bytes to generate at most (default: the rest of the model's context)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
+    parser.add_argument("--greedy", action="store_true", help="take the most likely byte (no sampling)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+
+
+def check_sampling(args: argparse.Namespace, seq_len: int) -> None:
+    """One-line ``ValueError`` unless the temperature is positive and the prompt plus
+    ``--max-new-tokens`` (default: all the room left) fit in ``seq_len`` tokens."""
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    context = 1 + len(args.prompt.encode("utf-8"))  # end-of-document, then the prompt
+    room = seq_len - context
+    args.max_new_tokens = room if args.max_new_tokens is None else args.max_new_tokens
+    if not 1 <= args.max_new_tokens <= room:
+        raise ValueError(f"the prompt ({context - 1} bytes) + --max-new-tokens {args.max_new_tokens} must fit "
+                         f"in the model's context of {seq_len} tokens, with at least 1 new token")
+
+
+def continue_prompt(model: torch.nn.Module, eod: int, args: argparse.Namespace) -> str:
+    """The prompt and its continuation by ``model.generate`` (byte tokens, KV cache), as
+    :func:`add_sampling_arguments` asked."""
+    tokenizer = ByteTokenizer()
+    ids = torch.cat([torch.tensor([eod]), tokenizer.encode(args.prompt)])[None]  # (1, T)
+    sampling = {"do_sample": False} if args.greedy else {
+        "do_sample": True, "temperature": args.temperature, "top_k": 0}
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=eod,
+                             pad_token_id=eod, max_new_tokens=args.max_new_tokens, **sampling)
+    return args.prompt + tokenizer.decode(out[0, ids.shape[1]:])
