@@ -16,11 +16,20 @@ number of rows from each (a balanced mix).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from neurolattice.lm.data import ByteTokenizer, PackedDataset, default_corpus_files, pack, read_documents, split_files
+from neurolattice.lm.data import (
+    ByteTokenizer,
+    PackedDataset,
+    cap_documents,
+    default_corpus_files,
+    pack,
+    read_document,
+    split_files,
+)
 
 DOMAINS = ("python", "prose")
 TOPICS_FILE = "pydoc_data/topics.py"
@@ -59,8 +68,9 @@ class DomainData:
 
 
 def domain_documents(base_heldout_fraction: float, base_seed: int, prose_heldout_fraction: float,
-                     seed: int) -> dict[str, tuple[list[bytes | str], list[bytes | str]]]:
-    """``{domain: (train documents, held-out documents)}``, unread Python files as paths."""
+                     seed: int) -> dict[str, tuple[Iterator[bytes], Iterator[bytes]]]:
+    """``{domain: (train documents, held-out documents)}``, as lazy iterators of bytes (a Python
+    file is read only when its turn comes)."""
     from pydoc_data.topics import topics
 
     train_files, held_files = (
@@ -70,8 +80,9 @@ def domain_documents(base_heldout_fraction: float, base_seed: int, prose_heldout
     order = names.copy()
     random.Random(seed).shuffle(order)
     held = set(order[:max(1, round(prose_heldout_fraction * len(names)))])
-    return {"python": (train_files, held_files),
-            "prose": ([topics[n] for n in names if n not in held], [topics[n] for n in names if n in held])}
+    return {"python": ((read_document(f) for f in train_files), (read_document(f) for f in held_files)),
+            "prose": ((topics[n].encode("utf-8") for n in names if n not in held),
+                      (topics[n].encode("utf-8") for n in names if n in held))}
 
 
 def load_domain_data(cfg: DomainDataConfig, seq_len: int, base_heldout_fraction: float = 0.1,
@@ -81,23 +92,12 @@ def load_domain_data(cfg: DomainDataConfig, seq_len: int, base_heldout_fraction:
     docs = domain_documents(base_heldout_fraction, base_seed, cfg.prose_heldout_fraction, cfg.seed)
     rows, heldout = {}, {}
     for domain, (train_docs, held_docs) in docs.items():
-        rows[domain] = pack(_cap(train_docs, cfg.train_bytes), seq_len, tokenizer)
-        heldout[domain] = PackedDataset(pack(_cap(held_docs, cfg.heldout_bytes), seq_len, tokenizer, pad=True))
+        rows[domain] = pack(cap_documents(train_docs, cfg.train_bytes), seq_len, tokenizer)
+        heldout[domain] = PackedDataset(pack(cap_documents(held_docs, cfg.heldout_bytes), seq_len, tokenizer,
+                                             pad=True))
         if len(rows[domain]) == 0 or len(heldout[domain]) == 0:
             raise ValueError(f"domain {domain!r} has less than one row of seq_len + 1 = {seq_len + 1} tokens")
     n = min(len(r) for r in rows.values())
     train = torch.cat([rows[d][:n] for d in DOMAINS])
     domain = torch.arange(len(DOMAINS)).repeat_interleave(n)
     return DomainData(PackedDataset(train), domain, heldout)
-
-
-def _cap(docs: list, max_bytes: int) -> list[bytes]:
-    """The documents (paths are read) in order, the text cut at ``max_bytes`` bytes."""
-    out, left = [], max_bytes
-    for doc in docs:
-        if left <= 0:
-            break
-        data = doc.encode("utf-8") if isinstance(doc, str) else read_documents([doc])[0]
-        out.append(data[:left])
-        left -= len(out[-1])
-    return out

@@ -98,18 +98,28 @@ def split_files(files: Iterable[str | Path], heldout_fraction: float = 0.1,
 
 def read_documents(files: Iterable[str | Path], max_bytes: int | None = None) -> list[bytes]:
     """The files' bytes, one document each, in order; with ``max_bytes``, reading stops once
-    that many bytes are read (the last document cut short)."""
-    docs, left = [], max_bytes
-    for path in files:
+    that many bytes are read (the last document cut short, see :func:`cap_documents`)."""
+    return cap_documents((read_document(path) for path in files), max_bytes)
+
+
+def cap_documents(docs: Iterable[bytes], max_bytes: int | None = None) -> list[bytes]:
+    """The documents in order, cut to ``max_bytes`` bytes in all (the last one cut short;
+    ``None``: all). ``docs`` is consumed lazily: nothing after the cap is read."""
+    out, left = [], max_bytes
+    for data in docs:
         if left is not None and left <= 0:
             break
-        try:
-            data = Path(path).read_bytes()
-        except OSError as err:
-            raise ValueError(f"cannot read text file {path}: {err}") from None
-        docs.append(data if left is None else data[:left])
-        left = None if left is None else left - len(docs[-1])
-    return docs
+        out.append(data if left is None else data[:left])
+        left = None if left is None else left - len(out[-1])
+    return out
+
+
+def read_document(path: str | Path) -> bytes:
+    """The bytes of one text file; an unreadable file is a one-line ``ValueError``."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read text file {path}: {err}") from None
 
 
 def pack(docs: Iterable[str | bytes], seq_len: int, tokenizer: ByteTokenizer | None = None,
