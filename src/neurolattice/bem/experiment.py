@@ -28,16 +28,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from neurolattice.bench.harness import machine_info
 from neurolattice.bench.report import Column, Table, format_machine, write_results
+from neurolattice.lm.data import PackedDataset
 from neurolattice.train import Task, TrainConfig, Trainer, seed_everything
 
-from .attach import target_levels
+from .attach import bem_parameters, target_levels
 from .commands import Base
 from .config import BEMConfig
 from .data import DOMAINS, DomainData, DomainDataConfig, load_domain_data
-from .layer import BEMLinear
 from .peers import lora_weights, static_lora
 from .train import BEMModel, BEMTask, TaskConfig, imitation_loss, stack_experts
 
@@ -91,34 +92,12 @@ def fine_tune(model: nn.Module, task: Task, cfg: TrainConfig) -> dict[str, float
     return {k.removeprefix("eval_"): v for k, v in record.items() if k.startswith("eval_")}
 
 
-class DomainRows:
-    """One domain's training rows of a :class:`DomainData`, as the trainer's dataset."""
-
-    def __init__(self, data: DomainData, domain: int) -> None:
-        self.rows = data.train.rows[data.train_domain == domain]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.rows[idx]
-        return rows[..., :-1].clamp(min=0), rows[..., 1:]
-
-
 class ImitationTask(Task):
     """Train the controller to give each row its domain's expert code (MSE on the codes)."""
 
     def __init__(self, data: DomainData, target: torch.Tensor) -> None:
-        self.data, self.target = data, target  # target [E, S, r]
-
-        class Rows:
-            def __len__(_) -> int:
-                return len(data.train)
-
-            def __getitem__(_, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return data.train[idx][0], data.train_domain[idx]
-
-        self.train_data = Rows()
+        self.target = target  # [E, S, r]
+        self.train_data = TensorDataset(data.train[:][0], data.train_domain)  # batch: (inputs, domains)
 
     def count_targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return len(batch[0])
@@ -172,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             seed_everything(cfg.seed + d)
             expert = static_lora(base, rank // 2, bem_defaults.alpha / 2, targets)
             task = BEMTask(data, None, TaskConfig())
-            task.train_data = DomainRows(data, d)
+            task.train_data = PackedDataset(data.train.rows[data.train_domain == d])
             fine_tune(expert, task, cfg)
             experts.append(lora_weights(expert))
             expert_params += trainable(expert)
@@ -183,10 +162,8 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(cfg.seed)
         model = BEMModel(copy.deepcopy(base), bem_cfg)
         target = stack_experts(model, experts, bem_cfg.alpha / rank)
-        for _, layer in model.lm.named_modules():
-            if isinstance(layer, BEMLinear):
-                layer.U.requires_grad_(False)
-                layer.V.requires_grad_(False)
+        for p in bem_parameters(model.lm)["adapters"]:  # the experts stay as trained
+            p.requires_grad_(False)
         controller_params = trainable(model)
         Trainer(model, ImitationTask(data, target), cfg).fit()
         with torch.no_grad():
