@@ -159,9 +159,10 @@ class LatticeTask(Task):
         return {k: v for k, v in metrics.items() if k != "ci95"}
 
 
-def baselines(data: Dataset) -> dict[str, float]:
+def baselines(data: Dataset, names: tuple[str, ...] | None = None) -> dict[str, float]:
     """scikit-learn on the same split, on flattened inputs: ``logistic_regression`` (ridge for
-    regression) and ``mlp`` (one hidden layer of 128); held-out accuracy, or R^2 for regression."""
+    regression) and ``mlp`` (one hidden layer of 128); held-out accuracy, or R^2 for regression.
+    ``names``: only these of them (default: all)."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -177,4 +178,5 @@ def baselines(data: Dataset) -> dict[str, float]:
         models = {"ridge": Ridge(), "mlp": MLPRegressor((128,), max_iter=1000, random_state=0)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return {name: float(m.fit(x_tr, y_tr).score(x_te, y_te)) for name, m in models.items()}
+        return {name: float(m.fit(x_tr, y_tr).score(x_te, y_te)) for name, m in models.items()
+                if names is None or name in names}

@@ -19,6 +19,7 @@ import torch
 
 from neurolattice.config import layered_config, sections_help
 from neurolattice.io import atomic_write_json
+from neurolattice.lattice.tasks import baselines
 from neurolattice.train import load_checkpoint, read_config, resolve_checkpoint, save_checkpoint
 
 from . import learn
@@ -63,17 +64,12 @@ def load_run(path: str, data_path: str | None = None,
     return net, data, saved
 
 
-def baseline_logistic(data) -> float:
-    """Held-out accuracy of scikit-learn's logistic regression on the same split."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model = LogisticRegression(max_iter=5000).fit(data.x_train.numpy(), data.y_train.numpy())
-    return float(model.score(data.x_test.numpy(), data.y_test.numpy()))
+def held_out_figures(net: NeuroGraph, data) -> dict[str, Any]:
+    """:func:`.learn.evaluate` of ``net`` beside the same network untrained
+    (``untrained_accuracy``) and scikit-learn's logistic regression on the same split."""
+    untrained = learn.evaluate(NeuroGraph(net.config, net.n_features), data)["accuracy"]
+    return {**learn.evaluate(net, data), "untrained_accuracy": untrained,
+            "logistic_regression": baselines(data, ("logistic_regression",))["logistic_regression"]}
 
 
 def _report(result: dict[str, Any], json_path: str | None) -> None:
@@ -134,9 +130,7 @@ class Train:
                       "data": {"path": args.data, "n_features": data.x_train.shape[1], "name": data.name}}
         ckpt = save_checkpoint(args.out, config.epochs, net, run_config)
         atomic_write_json(Path(args.out) / HISTORY, result.history)
-        untrained = learn.evaluate(NeuroGraph(net.config, net.n_features), data)["accuracy"]
-        figures = {**learn.evaluate(net, data), "untrained_accuracy": untrained,
-                   "logistic_regression": baseline_logistic(data), "validation_accuracy": result.validation_accuracy,
+        figures = {**held_out_figures(net, data), "validation_accuracy": result.validation_accuracy,
                    "best_epoch": result.best_epoch, "chosen_seed": result.seed, "restarts": result.restarts,
                    "train_seconds": seconds, "test_samples": len(data.y_test), "seed": config.seed}
         _report(figures, args.json)
@@ -167,11 +161,7 @@ class Eval(_OnRun):
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        net, data = args.net, args.data_obj
-        untrained = learn.evaluate(NeuroGraph(net.config, net.n_features), data)["accuracy"]
-        result = {**learn.evaluate(net, data), "untrained_accuracy": untrained,
-                  "logistic_regression": baseline_logistic(data)}
-        _report(result, args.json)
+        _report(held_out_figures(args.net, args.data_obj), args.json)
         return 0
 
 
