@@ -12,9 +12,9 @@ positions raised to fit the longest sequence) and, on copies of it, every method
 For each ``(batch, seq)`` of ``--configs`` it times a prefill (a forward over the whole batch,
 no cache) and, at batch 1, per-token decoding: a 128-token prompt is prefilled into the KV
 cache, then ``--decode-tokens`` single-token forwards are timed and divided by their number.
-Timings are medians over ``--repeats`` rounds, the methods interleaved within each round so a
-drifting machine hurts them alike; ``vs_lora`` is the time over the static LoRA's. Peak memory
-of a prefill is measured per method in a fresh process
+Timings are medians over ``--repeats`` rounds after one warm-up call of each method, the
+methods interleaved within each round so a drifting machine hurts them alike; ``vs_lora`` is
+the time over the static LoRA's. Peak memory of a prefill is measured per method in a fresh process
 (:func:`~neurolattice.bench.harness.run_isolated`: RSS growth on the CPU, the allocator's peak on
 CUDA).
 
@@ -84,17 +84,17 @@ def build(method: str, base: nn.Module, rank: int, adapter_dir: str) -> nn.Modul
     raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
 
 
-def _nothing() -> None:
-    pass
+# A measured call: (setup, run), the setup untimed before every run.
+Timed = tuple[Callable[[], Any], Callable[[], Any]]
 
 
-def prefill(model: nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
-    return lambda: model(input_ids=ids, use_cache=False)
+def prefill(model: nn.Module, ids: torch.Tensor) -> Timed:
+    return (lambda: None), (lambda: model(input_ids=ids, use_cache=False))
 
 
-def decode(model: nn.Module, prompt: torch.Tensor, tokens: int) -> Callable[[], Any]:
-    """``tokens`` greedy single-token steps after ``prompt`` is in the KV cache; the prefill is
-    the function's ``setup``, redone (untimed) before each call."""
+def decode(model: nn.Module, prompt: torch.Tensor, tokens: int) -> Timed:
+    """``tokens`` greedy single-token steps after ``prompt`` is in the KV cache; the setup is
+    that prefill."""
     state: dict[str, Any] = {}
 
     def setup() -> None:
@@ -107,24 +107,27 @@ def decode(model: nn.Module, prompt: torch.Tensor, tokens: int) -> Callable[[], 
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
             cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
-    steps.setup = setup
-    return steps
+    return setup, steps
 
 
-def timed_rounds(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, float]:
-    """Median ms of each function over ``repeats`` rounds (one warm-up round), interleaved; a
-    function's ``setup`` attribute, if any, runs untimed before each call."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats + 1):
-        for name, fn in fns.items():
-            getattr(fn, "setup", _nothing)()
+def timed_rounds(calls: dict[str, Timed], repeats: int, device: str) -> dict[str, float]:
+    """Median ms of each call over ``repeats`` rounds, the calls interleaved within a round
+    (warm them up before)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (setup, run) in calls.items():
+            setup()
             synchronize(device)
             start = time.perf_counter()
-            fn()
+            run()
             synchronize(device)
-            if r:
-                times[name].append(1000 * (time.perf_counter() - start))
+            times[name].append(1000 * (time.perf_counter() - start))
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def _skipped(err: Exception) -> str:
+    """The status of a method that does not run here: why, in a few words."""
+    return f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
 
 
 def measure_memory(method: str, preset: str, batch: int, seq: int, rank: int, device: str) -> dict[str, Any]:
@@ -144,31 +147,31 @@ def run_bench(preset: str, configs: list[tuple[int, int]], methods: list[str], r
     base = base_model(preset, longest, device)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        models, status = {}, {}
+        models, unbuilt = {}, {}
         for method in methods:
             try:
                 models[method] = build(method, base, rank, tmp)
             except Exception as err:  # a peer that does not run here: say why, go on
-                status[method] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+                unbuilt[method] = _skipped(err)
         phases = [("prefill", b, s) for b, s in configs] + ([("decode", 1, PROMPT)] if decode_tokens else [])
         for phase, batch, seq in tqdm(phases, desc="bem bench", unit="config", disable=None, leave=False):
             torch.manual_seed(2)
             ids = torch.randint(0, 256, (batch, seq), device=device)
-            fns = {}
+            calls, failed = {}, dict(unbuilt)
             for method, model in models.items():
-                fn = prefill(model, ids) if phase == "prefill" else decode(model, ids, decode_tokens)
-                try:  # a first call, which also warms up
-                    getattr(fn, "setup", _nothing)()
-                    fn()
-                    fns[method] = fn
+                setup, run = prefill(model, ids) if phase == "prefill" else decode(model, ids, decode_tokens)
+                try:  # the warm-up, and whether it runs at all
+                    setup()
+                    run()
+                    calls[method] = setup, run
                 except Exception as err:
-                    status[(method, phase)] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
-            ms = timed_rounds(fns, repeats, device)
+                    failed[method] = _skipped(err)
+            ms = timed_rounds(calls, repeats, device)
             per = decode_tokens if phase == "decode" else 1
             for method in methods:
-                why = status.get(method) or status.get((method, phase))
                 row = {"method": method, "phase": phase, "batch": batch, "seq": seq, "ms": None,
-                       "tokens_per_s": None, "vs_lora": None, "peak_mem_bytes": None, "status": why or "ok"}
+                       "tokens_per_s": None, "vs_lora": None, "peak_mem_bytes": None,
+                       "status": failed.get(method, "ok")}
                 if method in ms:
                     row["ms"] = ms[method] / per
                     row["tokens_per_s"] = batch * (1 if phase == "decode" else seq) * 1000 / row["ms"]
