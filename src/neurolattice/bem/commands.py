@@ -76,10 +76,9 @@ def build_configs(config_file: str | None = None, overrides: list[str] = ()
             config_from_dict(TaskConfig, layers["task"]), TrainConfig.from_dict(layers["train"]))
 
 
-def load_bem_run(path: str | Path, base_path: str | None = None
-                 ) -> tuple[dict[str, Any], Base, BEMModel, BEMTask]:
+def load_bem_run(path: str | Path, base_path: str | None = None) -> tuple[dict[str, Any], Base, BEMModel]:
     """A BEM checkpoint on its base model (``base_path``, default: the one it was trained on):
-    the saved config, the base, the model (eval mode) and the task with its held-out data."""
+    the saved config, the base and the model (eval mode)."""
     ckpt = resolve_checkpoint(path)
     saved = read_config(ckpt).get("model", {})
     if not {"base", "bem", "data", "task"} <= saved.keys():
@@ -88,14 +87,16 @@ def load_bem_run(path: str | Path, base_path: str | None = None
     if base.fingerprint != saved["base"]["fingerprint"]:
         raise ValueError(f"{ckpt} holds adapters for another base model: fingerprint {saved['base']['fingerprint']} "
                          f"({saved['base']['path']}), but {base.path} is {base.fingerprint}")
-    bem = config_from_dict(BEMConfig, saved["bem"])
-    data = config_from_dict(DomainDataConfig, saved["data"])
-    task_cfg = config_from_dict(TaskConfig, saved["task"])
-    model = BEMModel(base.model, bem)
+    model = BEMModel(base.model, config_from_dict(BEMConfig, saved["bem"]))
     load_checkpoint(ckpt, model)
-    task = BEMTask(load_domain_data(data, data.seq_len or base.seq_len, base.heldout_fraction, base.seed),
-                   bem, task_cfg)
-    return saved, base, model.eval(), task
+    return saved, base, model.eval()
+
+
+def saved_task(saved: dict[str, Any], base: Base) -> BEMTask:
+    """The task of a BEM run (its saved configs), with the held-out text of both domains."""
+    data = config_from_dict(DomainDataConfig, saved["data"])
+    domains = load_domain_data(data, data.seq_len or base.seq_len, base.heldout_fraction, base.seed)
+    return BEMTask(domains, config_from_dict(BEMConfig, saved["bem"]), config_from_dict(TaskConfig, saved["task"]))
 
 
 def config_help() -> str:
@@ -170,7 +171,8 @@ class Eval:
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
-        _, args.base_run, args.model, args.task = load_bem_run(args.ckpt, args.base)
+        saved, base, args.model = load_bem_run(args.ckpt, args.base)
+        args.task = saved_task(saved, base)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
@@ -198,7 +200,7 @@ class Generate:
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
-        _, args.base_run, args.model, _ = load_bem_run(args.ckpt, args.base)
+        _, args.base_run, args.model = load_bem_run(args.ckpt, args.base)
         check_sampling(args, args.base_run.seq_len)
 
     @staticmethod
