@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from neurolattice.cli import main
 
+from ..cli_errors import one_line_error as error
+
 LM_SOURCES = Path(__file__).parents[2] / "src" / "neurolattice" / "lm"
 TINY_LM = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_size=64", "model.seq_len=64",
            "data.seq_len=32", "train.batch_size=4", "train.warmup_steps=1", "train.steps=1"]
@@ -32,16 +34,6 @@ def make_base(tmp_path: Path, name: str, seed: int) -> Path:
 def bases(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("bases")
     return make_base(tmp, "base", 0), make_base(tmp, "other", 1)
-
-
-def error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("neurolattice bem ")
-    return lines[-1].split(" error: ", 1)[1]
 
 
 def test_train_eval_generate(tmp_path, bases, capsys):

@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from neurolattice.cli import main
 
+from ..cli_errors import one_line_error as error
+
 LM_SOURCES = Path(__file__).parents[2] / "src" / "neurolattice" / "lm"
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_size=64", "data.seq_len=32",
         "train.batch_size=4", "train.warmup_steps=1", "train.log_every=2"]
@@ -31,17 +33,6 @@ def corpus(tmp_path) -> Path:
 
 def train(corpus: Path, out: Path, *extra: str, steps: int = 4) -> int:
     return main(["lm", "train", "--data", str(corpus), "--out", str(out), *TINY, f"train.steps={steps}", *extra])
-
-
-def error(capsys, argv: list[str]) -> str:
-    """The one line that a rejected command prints after its usage (exit status 2)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("neurolattice lm ")
-    return lines[-1].split(" error: ", 1)[1]
 
 
 def test_train_eval_sample(tmp_path, corpus, capsys):

@@ -10,6 +10,7 @@ from neurolattice import cli
 from neurolattice.neurograph import NeuroGraphConfig
 from neurolattice.neurograph.commands import load_run
 
+from ..cli_errors import one_line_error
 from .conftest import features, make_net, small_config
 
 SMALL = ["neurograph.n=230", "neurograph.n_input=20", "neurograph.epochs=1", "neurograph.t_min=1",
@@ -81,10 +82,7 @@ def test_eval_and_show(trained, tmp_path, capsys):
 
 
 def _cli_error(capsys, argv, *words):
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(argv)
-    assert excinfo.value.code == 2
-    message = capsys.readouterr().err.strip().splitlines()[-1]
+    message = one_line_error(capsys, argv)
     for word in words:
         assert word in message, message
     return message
