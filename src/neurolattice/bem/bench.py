@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from neurolattice.bench.harness import machine_info, run_isolated, synchronize
-from neurolattice.bench.report import Column, Table, format_bytes, format_machine, machine_path, write_results
+from neurolattice.bench.report import Column, Results, Table, format_bytes, format_machine
 from neurolattice.lm.config import PRESETS, LMConfig
 from neurolattice.lm.model import build_model
 
@@ -222,8 +222,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_machine(machine), end="\n\n")
     print(f"base: the LM system's {args.preset} preset; adapters of rank {args.rank}")
     print(TABLE.header())
-    rows = run_bench(args.preset, args.configs, args.methods, args.rank, args.repeats, args.decode_tokens,
-                     args.device, not args.no_memory, on_row=lambda row: print(TABLE.row(row), flush=True))
-    path = write_results(args.json, rows, machine)
-    print(f"\nrows: {path}; machine: {machine_path(path)}")
+    results = Results(TABLE, args.json, machine)
+    run_bench(args.preset, args.configs, args.methods, args.rank, args.repeats, args.decode_tokens,
+              args.device, not args.no_memory, on_row=results.add)
+    results.done()
     return 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from neurolattice.io import atomic_write_json
 
 
@@ -76,3 +78,23 @@ def write_results(path: str | Path, rows: Sequence[dict[str, Any]], machine: dic
     each atomically. Returns ``path``."""
     atomic_write_json(machine_path(path), machine)
     return atomic_write_json(path, list(rows))
+
+
+class Results:
+    """A benchmark's rows as they come: each is printed under the table's header (through tqdm,
+    so a progress bar stays below) and the whole list is written again (:func:`write_results`),
+    so a run cut short keeps every row it measured."""
+
+    def __init__(self, table: Table, path: str | Path, machine: dict[str, Any]) -> None:
+        self.table, self.path, self.machine = table, path, machine
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        tqdm.write(self.table.row(row))
+        write_results(self.path, self.rows, self.machine)
+
+    def done(self) -> None:
+        """Say where the rows and the machine header are."""
+        print(f"\nwrote {self.path} and {machine_path(self.path)}")
+

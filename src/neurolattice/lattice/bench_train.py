@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from neurolattice.bench.harness import machine_info, run_isolated, time_ms
-from neurolattice.bench.report import Column, Table, format_bytes, format_machine, machine_path, write_results
+from neurolattice.bench.report import Column, Results, Table, format_bytes, format_machine
 
 HELP = "time and memory of one training step for T = 4, 8, 16, with and without gradient checkpointing"
 ROW_KEYS = ("steps_T", "grad_checkpointing", "dims", "state_size", "batch", "ms_per_step",
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_machine(machine), end="\n\n")
     print(f"model: lattice {args.dims}, S = H = {args.state_size}, batch {args.batch}\n")
     print(TABLE.header())
-    rows: list[dict[str, Any]] = []
+    results = Results(TABLE, args.json, machine)
     runs = [(t, ckpt) for t in args.steps for ckpt in (False, True)]
     for t, ckpt in tqdm(runs, desc="train bench", unit="run", disable=None, leave=False):
         row = {"steps_T": t, "grad_checkpointing": ckpt, "dims": args.dims, "state_size": args.state_size,
@@ -77,10 +77,8 @@ def run(args: argparse.Namespace) -> int:
                     "peak_mem_bytes": result["peak_mem_bytes"], "status": "ok"}
         except RuntimeError as err:
             row["status"] = f"skipped: {err}"
-        rows.append({k: row[k] for k in ROW_KEYS})
-        tqdm.write(TABLE.row(rows[-1]))
-        write_results(args.json, rows, machine)
-    print(f"\nwrote {args.json} and {machine_path(args.json)}")
+        results.add({k: row[k] for k in ROW_KEYS})
+    results.done()
     return 0
 
 

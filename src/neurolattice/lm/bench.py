@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from neurolattice.bench.harness import machine_info, run_isolated, time_ms
-from neurolattice.bench.report import Column, Table, format_machine, machine_path, write_results
+from neurolattice.bench.report import Column, Results, Table, format_machine
 from neurolattice.config import parse_overrides
 from neurolattice.train import TrainConfig, Trainer, distributed, seed_everything
 
@@ -181,16 +181,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.steps} timed steps after {args.warmup} warm-up; synthetic random tokens; "
           f"model overrides {overrides or 'none'}\n")
     print(TABLE.header())
-    rows: list[dict[str, Any]] = []
+    results = Results(TABLE, args.json, machine)
     runs = bench_rows(args.presets, args.processes, global_batch=args.batch_size, micro_batch=args.micro_batch_size,
                       seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, device=args.device,
                       precision=precision, peak_size=size, overrides=overrides)
     for row in tqdm(runs, total=len(args.presets) * len(args.processes), desc="lm bench", unit="run",
                     disable=None, leave=False):
-        rows.append(row)
-        tqdm.write(TABLE.row(row))
-        write_results(args.json, rows, machine)
-    print(f"\nwrote {args.json} and {machine_path(args.json)}")
+        results.add(row)
+    results.done()
     return 0
 
 

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from neurolattice.bench.harness import machine_info, run_isolated, time_ms
-from neurolattice.bench.report import Column, Table, format_bytes, format_machine, machine_path, write_results
+from neurolattice.bench.report import Column, Results, Table, format_bytes, format_machine
 
 from .config import NeuroGraphConfig
 from .learn import load_data, train_step
@@ -166,14 +166,8 @@ def run(args: argparse.Namespace) -> int:
     machine = machine_info(args.device)
     print(format_machine(machine), end="\n\n")
     print(TABLE.header())
-    rows: list[dict[str, Any]] = []
-
-    def on_row(row: dict[str, Any]) -> None:
-        rows.append(row)
-        tqdm.write(TABLE.row(row))
-        write_results(args.json, rows, machine)
-
+    results = Results(TABLE, args.json, machine)
     run_bench(args.sizes, batch=args.batch, reference_batch=args.reference_batch, reference_max=args.reference_max,
-              repeats=args.repeats, device=args.device, threads=args.threads, on_row=on_row)
-    print(f"\nwrote {args.json} and {machine_path(args.json)}")
+              repeats=args.repeats, device=args.device, threads=args.threads, on_row=results.add)
+    results.done()
     return 0
