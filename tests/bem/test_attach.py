@@ -24,7 +24,9 @@ from neurolattice.bem import (
 )
 from neurolattice.bem.layer import BEMLinear
 from neurolattice.config import config_from_dict
+from neurolattice.lm.model import cache_keyword, find_cache
 
+from ..bounds import float32_bound
 from .tiny import MODELS, batch, confidence_zero, gpt2, llama, one_thread, randomize_adapters
 
 
@@ -40,6 +42,13 @@ SMALL = dict(rank=4, hidden=16, chunk_size=4, prefix_len=8)
 def logits(model, ids, mask, **kwargs):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, **kwargs).logits
+
+
+CACHE_KEYWORD = cache_keyword(llama())  # the KV cache's argument name moved in transformers 5.24
+
+
+def cached(cache):
+    return {CACHE_KEYWORD: cache, "use_cache": True}
 
 
 def inputs_for(model):
@@ -215,9 +224,9 @@ def test_forward_makes_no_host_sync(arch, monkeypatch):
     forbid_host_sync(monkeypatch)
     with pytest.raises(AssertionError, match="host sync"):  # the guard works
         exec(compile("torch.ones(1).item()", os.path.join(BEM_DIR, "probe.py"), "exec"), {"torch": torch})
-    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, **cached(cache))
     step = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=step, past_key_values=cache, use_cache=True)
+    model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=step, **cached(cache))
     regularizers(model)["code_norm"].backward()
 
 
@@ -337,11 +346,45 @@ def test_errors_are_one_line():
 def test_cache_that_the_controller_did_not_route_is_refused():
     model = attach(llama(), BEMConfig(**SMALL))
     ids, mask = inputs_for(model)
-    cache = DynamicCache()
-    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-    model(input_ids=ids[:, :3], attention_mask=mask[:, :3])  # a fresh forward resets the routing state
-    one_line_error(lambda: model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1),
-                                 past_key_values=cache), "KV cache holds 12 positions but BEM routing has seen 3")
+    step = torch.cat([mask, mask[:, :1]], 1)
+    foreign = DynamicCache()  # filled by the same weights without BEM
+    llama()(input_ids=ids, attention_mask=mask, **cached(foreign))
+    one_line_error(lambda: model(input_ids=ids[:, :1], attention_mask=step, **cached(foreign)),
+                   "KV cache holds 12 positions that this BEM controller did not route")
+    other = DynamicCache()  # routed by another controller (a copy of this model)
+    copy.deepcopy(model)(input_ids=ids, attention_mask=mask, **cached(other))
+    one_line_error(lambda: model(input_ids=ids[:, :1], attention_mask=step, **cached(other)),
+                   "KV cache holds 12 positions that this BEM controller did not route")
+    cropped = DynamicCache()
+    model(input_ids=ids, attention_mask=mask, **cached(cropped))
+    cropped.crop(-4)  # drop the last 4 positions
+    one_line_error(lambda: model(input_ids=ids[:, :1], attention_mask=step[:, :9], **cached(cropped)),
+                   "KV cache holds 8 positions but BEM routing of this cache has seen 12")
+
+
+def test_routing_state_stays_with_its_cache():
+    """Forwards of other sequences in between (with no cache or another one) do not disturb the
+    continuation of a cache: its routing state is kept with it."""
+    model = randomize_adapters(attach(llama(), BEMConfig(level="chunk", **SMALL)))
+    ids, mask = inputs_for(model)
+    step = torch.cat([mask, mask[:, :1]], 1)
+    token = ids[:, -1:]
+
+    def continuation(interleave, cache=None):
+        with torch.no_grad():  # a cache passed in, or (None) the one the model makes and returns
+            out = model(input_ids=ids, attention_mask=mask, **cached(cache))
+        interleave()
+        return logits(model, token, step, **cached(find_cache(out)))
+
+    alone = continuation(lambda: None, DynamicCache())
+    assert model.bem_controller.state.length == 13
+    interleaved = continuation(lambda: (logits(model, ids[:, :3], mask[:, :3]),
+                                        logits(model, ids[:, 5:], mask[:, 5:], **cached(DynamicCache()))))
+    assert torch.equal(alone, interleaved)
+    recomputed = logits(model, torch.cat([ids, token], 1), step)[:, -1:]
+    # float32: the cached and the recomputed logit are the same sums in other orders (attention over
+    # <= 13 keys, matmuls over <= 48 terms); bound: eps32 x terms x the logits' magnitude.
+    assert (alone - recomputed).abs().max().item() <= float32_bound(recomputed, terms=48)
 
 
 def test_deep_copy_routes_with_its_own_controller():

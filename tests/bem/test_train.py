@@ -20,6 +20,8 @@ from neurolattice.lm.data import PackedDataset
 from neurolattice.lm.model import build_model
 from neurolattice.train import TrainConfig, Trainer
 
+from ..bounds import float32_bound
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -69,6 +71,45 @@ def test_attached_model_at_step_zero_has_the_base_loss():
     batch = data.train[torch.arange(4)]
     want = BEMTask(data).loss_sum(copy.deepcopy(base), batch)
     torch.testing.assert_close(BEMTask(data, bem).loss_sum(BEMModel(base, bem), batch), want, rtol=1e-6, atol=1e-5)
+
+
+def saved_for_backward(fn):
+    """``fn()`` and the bytes of the tensors autograd keeps for its backward: the activation
+    memory that sets a training step's peak, counted exactly (activation checkpointing keeps its
+    layers' tensors under its own hooks, so they are not counted here: it recomputes them)."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, total
+
+
+def test_grad_checkpointing_lowers_activation_memory_and_keeps_loss_and_gradients():
+    data = tiny_data()
+    bem = BEMConfig(rank=4, level="chunk", chunk_size=4, prefix_len=8)
+    model = BEMModel(tiny_lm(), bem).train()
+    randomize(model)
+    task, batch = BEMTask(data, bem), data.train[torch.arange(4)]
+    results = {}
+    for on in (False, True):
+        loss, saved = saved_for_backward(lambda on=on: task.loss_sum(model, batch, grad_checkpointing=on))
+        model.zero_grad()
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[on] = loss.detach(), saved, grads
+    assert model.lm.is_activation_checkpointing if hasattr(model.lm, "is_activation_checkpointing") \
+        else model.lm.is_gradient_checkpointing
+    (loss_off, saved_off, grads_off), (loss_on, saved_on, grads_on) = results[False], results[True]
+    assert torch.equal(loss_on, loss_off)  # the same forward, recomputed
+    assert saved_on < 0.7 * saved_off, (saved_on, saved_off)  # the decoder layers keep nothing
+    # float32: the recomputed layers run the same ops, but autograd may sum a gradient's
+    # contributions in another order; bound: eps32 x (64 rows x 16 positions summed) x |grad|.
+    assert (grads_on - grads_off).abs().max().item() <= float32_bound(grads_off, terms=4 * 16)
 
 
 def test_training_moves_only_adapters_and_controller_at_their_learning_rates():

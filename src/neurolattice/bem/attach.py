@@ -1,11 +1,14 @@
 """Attach BEM to a Hugging Face causal LM, and everything done to an attached model.
 
 ``attach`` wraps the target modules in :class:`BEMLinear`, adds the controller as
-``model.bem_controller`` and installs two hooks that run it once per forward:
+``model.bem_controller`` and installs three hooks that run it once per forward:
 
-1. a forward pre-hook on the base model, ``model.base_model`` (:meth:`BEMController.before_forward`);
+1. a forward pre-hook on the base model, ``model.base_model`` (:meth:`BEMController.before_forward`),
+   which arms routing with the mask and the routing state of the KV cache passed in;
 2. a forward hook on the input embedding, or on decoder layer ``route_layer``
-   (:meth:`BEMController.route_from`), which routes from that module's output.
+   (:meth:`BEMController.route_from`), which routes from that module's output;
+3. a forward hook on the base model (:meth:`BEMController.after_forward`), which keeps the new
+   routing state with the KV cache the model returns.
 
 The routing context (``model.bem_controller.last``) is then read by every BEM layer. The hooks
 are bound methods of the controller, so a deep copy of an attached model routes with its own
@@ -100,6 +103,7 @@ def attach(model: nn.Module, config: BEMConfig) -> nn.Module:
     body = getattr(model, "base_model", model)
     controller.forward_args = tuple(inspect.signature(body.forward).parameters)
     body.register_forward_pre_hook(controller.before_forward, with_kwargs=True)
+    body.register_forward_hook(controller.after_forward)
     source.register_forward_hook(controller.route_from)
     return model
 

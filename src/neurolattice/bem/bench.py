@@ -37,7 +37,7 @@ from tqdm import tqdm
 from neurolattice.bench.harness import machine_info, run_isolated, synchronize
 from neurolattice.bench.report import Column, Results, Table, format_bytes, format_machine
 from neurolattice.lm.config import PRESETS, LMConfig
-from neurolattice.lm.model import build_model
+from neurolattice.lm.model import build_model, cache_keyword, find_cache
 
 from .attach import attach
 from .config import TABLES, BEMConfig
@@ -97,15 +97,17 @@ def decode(model: nn.Module, prompt: torch.Tensor, tokens: int) -> Timed:
     that prefill."""
     state: dict[str, Any] = {}
 
+    keyword = cache_keyword(model)
+
     def setup() -> None:
         out = model(input_ids=prompt, use_cache=True)
-        state["cache"], state["next"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        state["cache"], state["next"] = find_cache(out), out.logits[:, -1:].argmax(-1)
 
     def steps() -> None:
         cache, nxt = state["cache"], state["next"]
         for _ in range(tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, use_cache=True, **{keyword: cache})
+            cache, nxt = find_cache(out), out.logits[:, -1:].argmax(-1)
 
     return setup, steps
 

@@ -29,11 +29,17 @@ no loop over tokens or chunks, no host synchronisation.
 from __future__ import annotations
 
 import math
+import types
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
+
+from neurolattice.lm.model import find_cache
 
 from .config import LEVELS, BEMConfig
 
@@ -70,6 +76,28 @@ class RoutingState:
     def select(self, rows: Tensor) -> RoutingState:
         """The state of the sequences ``rows`` (beam search reorders its beams this way)."""
         return RoutingState(self.length, self.seen[rows], self.prefix[rows], self.chunk_sum[rows], self.ema[rows])
+
+
+def keep_with(cache: Cache, controller: nn.Module, state: RoutingState) -> None:
+    """Keep ``state`` on the KV cache it belongs to, as ``cache.bem_routing``. The first time, the
+    cache's ``reorder_cache`` (beam search's reordering of the beams) is made to reorder the state
+    too. The controller is held by a weak reference, so a deep copy of the cache keeps naming the
+    controller that routed it (and a copy of the state)."""
+    if not hasattr(cache, "bem_routing"):
+        cache.reorder_cache = types.MethodType(_reorder_with_routing, cache)
+    cache.bem_routing = (weakref.ref(controller), state)
+
+
+def routed_state(cache: Cache, controller: nn.Module) -> RoutingState | None:
+    """The routing state ``controller`` left on ``cache``, None if it did not route that cache."""
+    owner, state = getattr(cache, "bem_routing", (None, None))
+    return state if owner is not None and owner() is controller else None
+
+
+def _reorder_with_routing(cache: Cache, beam_idx: Tensor) -> None:
+    type(cache).reorder_cache(cache, beam_idx)
+    owner, state = cache.bem_routing
+    cache.bem_routing = (owner, state.select(beam_idx.to(state.seen.device)))
 
 
 @dataclass
@@ -147,7 +175,7 @@ class BEMController(nn.Module):
             index = torch.tensor([s for s, lv in enumerate(slot_levels) if lv == level])
             self.register_buffer(f"slots_{level}", index, persistent=False)
         self.last: RoutingContext | None = None  # the routing of the last forward, read by the layers
-        self.state: RoutingState | None = None  # where the last forward left the sequences
+        self.state: RoutingState | None = None  # where the last forward left its sequences (a cache keeps its own)
         self.pending: tuple | None = None  # (attention mask, state) armed by the model's pre-hook
         self.running: Tensor | None = None  # telemetry sums since they were last read
         self.forward_args: tuple[str, ...] = ()  # parameter names of the model's forward, set by attach
@@ -174,38 +202,36 @@ class BEMController(nn.Module):
 
     def before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the model: arm routing with the ``attention_mask`` and the state to
-        continue. ``past_key_values.get_seq_length()`` 0 (or no cache) starts fresh; anything else
-        must equal the state's length (a cache cropped or grown elsewhere is a one-line error);
-        the cache's ``reorder_cache`` (beam search) is made to reorder the state as well. With
-        ``inputs_embeds`` and no ``route_layer``, route now."""
+        continue. The KV cache is found by its type, not by its argument's name (which moved from
+        ``past_key_values`` to ``cache`` in transformers 5.24). An empty cache (or none) starts fresh; a cache
+        holding L positions continues the routing state kept with that cache object, which must have
+        seen exactly L columns (a cache this controller did not route, or one cropped or grown
+        elsewhere, is a one-line error). With ``inputs_embeds`` and no ``route_layer``, route now."""
         arguments = {**dict(zip(self.forward_args, args)), **kwargs}
-        cache = arguments.get("past_key_values")
+        cache = find_cache(arguments)
         cached = 0 if cache is None else cache.get_seq_length()
-        if cache is not None and getattr(cache, "bem_controller", None) is not self:
-            self._follow_reorders(cache)
         state = None
         if cached:
-            length = None if self.state is None else self.state.length
-            if length != cached:
-                raise ValueError(f"the KV cache holds {cached} positions but BEM routing has seen {length}: "
-                                 "continue the sequence the controller routed (cropping a cache is not supported)")
-            state = self.state
+            state = routed_state(cache, self)
+            if state is None:
+                raise ValueError(f"the KV cache holds {cached} positions that this BEM controller did not route: "
+                                 "continue a cache filled by this model with BEM attached")
+            if state.length != cached:
+                raise ValueError(f"the KV cache holds {cached} positions but BEM routing of this cache has seen "
+                                 f"{state.length}: continue the sequence the controller routed (cropping a cache "
+                                 "is not supported)")
         self.pending = (arguments.get("attention_mask"), state)
         embeds = arguments.get("inputs_embeds")
         if embeds is not None and self.config.route_layer is None:
             self.route_from(model, (), embeds)
 
-    def _follow_reorders(self, cache) -> None:
-        """Make ``cache.reorder_cache(beam_idx)`` (beam search) reorder the routing state too."""
-        reorder = cache.reorder_cache
-
-        def reorder_cache(beam_idx: Tensor) -> None:
-            reorder(beam_idx)
-            if self.state is not None:
-                self.state = self.state.select(beam_idx.to(self.state.seen.device))
-
-        cache.reorder_cache = reorder_cache
-        cache.bem_controller = self
+    def after_forward(self, model: nn.Module, args: tuple, output: Mapping | tuple) -> None:
+        """Forward hook of the model: keep the routing state with the KV cache the model returns,
+        whether the caller passed that cache in or the model made it (found by type, as in
+        :meth:`before_forward`)."""
+        cache = find_cache(output if isinstance(output, (Mapping, tuple)) else ())
+        if cache is not None and self.state is not None:
+            keep_with(cache, self, self.state)
 
     def route_from(self, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
         """Forward hook: route from the module's output ([B, T, H], or a tuple starting with it),

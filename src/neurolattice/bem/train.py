@@ -25,12 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from neurolattice.lm.data import IGNORE, ByteTokenizer
-from neurolattice.lm.task import heldout_loss
-from neurolattice.train import Task
+from neurolattice.lm.data import ByteTokenizer
+from neurolattice.lm.task import NextTokenTask, heldout_loss
 
 from .attach import adapter_state_dict, attach, load_adapter_state_dict, regularizers
 from .config import BEMConfig
@@ -98,8 +96,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "lm", model)
 
 
-class BEMTask(Task):
-    """Next-token prediction on the two-domain mix (:mod:`neurolattice.bem.data`) plus the
+class BEMTask(NextTokenTask):
+    """Next-token prediction on the two-domain mix (:mod:`neurolattice.bem.data`), the LM's loss
+    (:class:`~neurolattice.lm.task.NextTokenTask`, activation checkpointing included) plus the
     routing regularisers when the model has BEM attached (a PEFT LoRA trains on the plain LM
     loss). :meth:`evaluate` gives held-out ``loss`` (nats per token) and ``bpb`` per domain."""
 
@@ -108,14 +107,9 @@ class BEMTask(Task):
         self.train_data = data.train
         self.byte_lengths = ByteTokenizer().byte_lengths()
 
-    def count_targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return (batch[1] != IGNORE).sum()
-
     def loss_sum(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
                  grad_checkpointing: bool = False) -> torch.Tensor:
-        inputs, labels = batch
-        logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        loss = super().loss_sum(model, batch, grad_checkpointing)
         lm = _unwrap(model)
         if self.bem is not None and hasattr(lm, "bem_controller"):
             reg = regularizers(lm)  # means over the batch's tokens: weigh them by its targets

@@ -13,8 +13,13 @@ mask were full, as that convention does).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache
 
 from .config import LMConfig
 
@@ -52,3 +57,27 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> int:
     c = model.config
     context = c.max_position_embeddings if seq_len is None else seq_len
     return 6 * count_parameters(model)["matmul"] + 12 * c.num_hidden_layers * c.hidden_size * context
+
+
+def causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The Hugging Face model inside its wrappers (DDP, BEM's ``BEMModel``, a PEFT model): the
+    first ``PreTrainedModel`` among ``model.modules()``."""
+    found = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} holds no Hugging Face PreTrainedModel")
+    return found
+
+
+# The KV cache moved between transformers releases: ``past_key_values`` up to 5.23, ``cache`` from
+# 5.24 (which still accepts the old name, with a warning). These find it by its type instead.
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword under which the causal LM inside ``model`` takes its KV cache."""
+    return "cache" if "cache" in inspect.signature(causal_lm(model).forward).parameters else "past_key_values"
+
+
+def find_cache(values: Iterable[Any] | Mapping[str, Any]) -> Cache | None:
+    """The first KV cache among ``values`` (a forward's arguments, a model output's fields, or a
+    tuple output), None if there is none."""
+    values = values.values() if isinstance(values, Mapping) else values
+    return next((value for value in values if isinstance(value, Cache)), None)

@@ -12,14 +12,32 @@ from neurolattice.train import Task
 
 from .config import LMConfig
 from .data import IGNORE, LMData, PackedDataset
+from .model import causal_lm
 
 
-class LMTask(Task):
+class NextTokenTask(Task):
     """Next-token prediction on packed rows; a target is a label that is not :data:`IGNORE`.
 
     A batch is ``(inputs [B, T], labels [B, T])``, int64, ``labels[b, t]`` the token after
     ``inputs[b, t]``. :meth:`loss_sum` is the summed cross-entropy in nats, so the trainer's
-    division by the step's target count makes micro-batches of any sizes weigh right.
+    division by the step's target count makes micro-batches of any sizes weigh right; it turns
+    the model's activation checkpointing on or off as the trainer asks. Subclasses give the
+    data (``train_data``) and :meth:`evaluate`.
+    """
+
+    def count_targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return (batch[1] != IGNORE).sum()
+
+    def loss_sum(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                 grad_checkpointing: bool = False) -> torch.Tensor:
+        inputs, labels = batch
+        _set_checkpointing(causal_lm(model), grad_checkpointing)
+        logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+class LMTask(NextTokenTask):
+    """Language modelling on :class:`LMData` (see :class:`NextTokenTask` for batches and loss).
 
     :meth:`evaluate` scores the held-out rows in bits per byte,
 
@@ -42,17 +60,6 @@ class LMTask(Task):
         self.data, self.eval_batch_size = data, eval_batch_size
         self.train_data = data.train
         self.byte_lengths = data.tokenizer.byte_lengths()
-
-    def count_targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return (batch[1] != IGNORE).sum()
-
-    def loss_sum(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
-                 grad_checkpointing: bool = False) -> torch.Tensor:
-        inputs, labels = batch
-        inner = getattr(model, "module", model)  # the model inside a DDP wrapper
-        _set_checkpointing(inner, grad_checkpointing)
-        logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return heldout_loss(model, self.data.heldout, self.byte_lengths, self.eval_batch_size)
