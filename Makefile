@@ -2,21 +2,30 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; override (e.g. TORCH=torch) for a CUDA machine.
-TORCH ?= torch==2.13.0
+# Every package `make demo` and `make test` install, at the exact version the suite passed with
+# (torch's CPU build included); `make lock` regenerates it from the newest releases.
+LOCK := requirements.lock
+# The oldest releases pyproject.toml admits, for `make test-lowest`.
+LOWEST := requirements-lowest.txt
+# Extra pip options, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu" where
+# torch's CPU wheel is not already on the machine.
+PIP_ARGS ?=
+# The torch a new lock takes: the CPU build.
+LOCK_TORCH ?= torch==2.13.0+cpu
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo test test-all test-latest test-lowest lock bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e .
+# setuptools first, from the lock, so the editable install builds with it (no unlocked build env).
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(PY)
+	$(PY) -m pip install -q $(PIP_ARGS) -c $(LOCK) setuptools
+	$(PY) -m pip install -q $(PIP_ARGS) -c $(LOCK) --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,peers]"
+$(VENV)/.installed-dev: pyproject.toml $(LOCK) $(VENV)/.installed
+	$(PY) -m pip install -q $(PIP_ARGS) -c $(LOCK) --no-build-isolation -e ".[dev,peers]"
 	touch $@
 
 # Train the lattice on scikit-learn's digits, print held-out accuracy beside the baselines, plot.
@@ -31,6 +40,36 @@ test: $(VENV)/.installed-dev
 test-all: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
+# The suite on a venv of its own: the newest releases (no lock), or the oldest pyproject.toml
+# admits. Neither is the locked set, so the test that checks the venv against the lock is left out.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q $(PIP_ARGS) --upgrade setuptools
+	.venv-latest/bin/python -m pip install -q $(PIP_ARGS) --upgrade -e ".[dev,peers]"
+	.venv-latest/bin/python -m pip list | grep -iE "^(torch|transformers|peft) "
+	.venv-latest/bin/python -m pytest -m "not slow and not lock" -q
+
+test-lowest:
+	rm -rf .venv-lowest
+	$(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/python -m pip install -q $(PIP_ARGS) --upgrade setuptools
+	.venv-lowest/bin/python -m pip install -q $(PIP_ARGS) -c $(LOWEST) -e ".[dev,peers]"
+	.venv-lowest/bin/python -m pip list | grep -iE "^(torch|transformers|peft) "
+	.venv-lowest/bin/python -m pytest -m "not slow and not lock" -q
+
+# A fresh resolution of pyproject.toml (dev and peer extras included, torch = LOCK_TORCH), frozen.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q $(PIP_ARGS) --upgrade setuptools
+	.venv-lock/bin/python -m pip install -q $(PIP_ARGS) "$(LOCK_TORCH)" -e ".[dev,peers]"
+	{ echo "# The exact set \`make demo\` and \`make test\` install (pip constraints). Made by \`make lock\`"; \
+	  echo "# on $$(date -u +%Y-%m-%d) with $$(.venv-lock/bin/python --version); do not edit by hand."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -vE "^pip=="; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
+
 bench: $(VENV)/.installed-dev
 	$(VENV)/bin/neurolattice lattice bench
 	$(VENV)/bin/neurolattice lattice bench-train
@@ -42,4 +81,4 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests
 
 clean:
-	rm -rf $(VENV) results runs .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lock results runs .pytest_cache
