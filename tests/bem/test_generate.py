@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from neurolattice.bem import BEMConfig, attach
+from neurolattice.bem.controller import routed_state
+from neurolattice.lm.model import find_cache
 
 from .tiny import MODELS, batch, one_thread, randomize_adapters
 
@@ -44,7 +46,10 @@ def test_cached_generation_equals_recomputation(arch, level):
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
                          output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape == (2, 11 + NEW)
-    assert model.bem_controller.state.seen.tolist() == [11 + NEW - 1, 6 + NEW - 1]  # past prefix and many chunks
+    # routing saw every position generate fed (the last token is never fed back), past the prefix
+    # and across many chunks, and the state kept with the cache generate returns is that one
+    assert model.bem_controller.state.seen.tolist() == [11 + NEW - 1, 6 + NEW - 1]
+    assert routed_state(find_cache(out), model.bem_controller) is model.bem_controller.state
     expected, expected_logits = recompute(model, ids, mask, NEW)
     assert torch.equal(out.sequences, expected)
     assert (torch.stack(out.logits) - expected_logits).abs().max().item() <= 1e-4
