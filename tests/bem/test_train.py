@@ -60,7 +60,7 @@ def test_loss_is_cross_entropy_plus_weighted_regularizers():
     reg = regularizers(model.lm)
     n = (batch[1] != -100).sum()
     assert n == 4 * 16 - 5
-    torch.testing.assert_close(loss, ce + n * (0.3 * reg["code_norm"] + 0.2 * reg["entropy"]))
+    assert torch.equal(loss, ce + n * (0.3 * reg["code_norm"] + 0.2 * reg["entropy"]))  # the same ops, recomputed
     assert reg["code_norm"] > 0 and reg["entropy"] > 0
 
 
@@ -70,7 +70,8 @@ def test_attached_model_at_step_zero_has_the_base_loss():
     bem = BEMConfig(rank=4, code_norm_weight=0.0, entropy_weight=0.0)
     batch = data.train[torch.arange(4)]
     want = BEMTask(data).loss_sum(copy.deepcopy(base), batch)
-    torch.testing.assert_close(BEMTask(data, bem).loss_sum(BEMModel(base, bem), batch), want, rtol=1e-6, atol=1e-5)
+    # U = 0: every adapter adds an exact +0.0; the regularisers' weights 0 add an exact 0.0
+    assert torch.equal(BEMTask(data, bem).loss_sum(BEMModel(base, bem), batch), want)
 
 
 def saved_for_backward(fn):
@@ -167,7 +168,11 @@ def test_stacked_experts_reproduce_each_lora_with_its_target_code():
     for e in range(2):
         for name, layer in layers:
             a, b = experts[e][name]
-            torch.testing.assert_close(layer.delta_weight(target[e, layer.slot]), 2.0 * b @ a)
+            want = 2.0 * b @ a
+            # float32: another matmul (rank 4 with codes 2 and 0, vs rank 2) may round the rank-r sum
+            # otherwise; scale: the delta
+            bound = float32_bound(want, terms=layer.rank)
+            assert (layer.delta_weight(target[e, layer.slot]) - want).abs().max().item() <= bound
     # and imitation's loss is zero exactly when the controller outputs the target codes
     controller = model.lm.bem_controller
     x = torch.randint(0, 257, (2, 6))

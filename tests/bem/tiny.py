@@ -65,6 +65,37 @@ def confidence_zero(model):
     return model
 
 
+def logit_terms(model, keys: int, rank: int = 0, codes: int = 0) -> int:
+    """``terms`` of :func:`tests.bounds.float32_bound` for a logit of these tiny LMs: the lengths of
+    the float32 sums chained on its longest path. Per decoder layer: the attention's norm (LayerNorm:
+    mean, then variance, 2H; RMSNorm: H), input projection (H), scores (head_dim), softmax sum and
+    weighted sum over ``keys``, output projection (H); the MLP's norm, input projection (H) and
+    output projection (its intermediate size); then the final norm and the head (H). Adapters of
+    rank ``rank`` lengthen the four projections on that path by ``rank`` each; ``codes`` is the
+    chain of the codes (:func:`routing_terms`; 0 when they are exact), which reaches the first
+    adapter alongside the first norm's."""
+    config = model.config
+    hidden = config.hidden_size
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    norm = 2 * hidden if config.model_type == "gpt2" else hidden
+    layer = 2 * norm + 3 * hidden + hidden // config.num_attention_heads + 2 * keys + inner + 4 * rank
+    return config.num_hidden_layers * layer + max(codes - norm, 0) + norm + hidden
+
+
+def routing_terms(model, length: int) -> int:
+    """The chain of float32 sums before a BEM code of ``model``, its longest level: the controller's
+    projection (the embedding width) and LayerNorm (2h); token: the head (h, h); prefix: the
+    pooling (key h, score h, softmax sum and weighted sum over P), then the head (h, h); chunk: the
+    longer of the prefix pooling and a chunk's sum (C), the chunk head (2h, h) and the EMA across
+    the chunks of ``length`` positions; then the per-slot norm clamp (r)."""
+    config = model.bem_config
+    h, pooling = config.hidden, 2 * config.hidden + 2 * config.prefix_len
+    per_level = {"token": 2 * h, "prefix": pooling + 2 * h,
+                 "chunk": max(pooling, config.chunk_size) + 3 * h + length // config.chunk_size + 1}
+    start = model.get_input_embeddings().embedding_dim + 2 * h
+    return start + max(per_level[level] for level in model.bem_controller.levels) + config.rank
+
+
 @contextlib.contextmanager
 def one_thread():
     """Run tiny models on one intra-op thread: a second one only adds contention on a shared CPU."""

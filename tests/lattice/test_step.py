@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from neurolattice.lattice import LatticeConfig
 from neurolattice.lattice.reference import reference_step
 
+from ..bounds import float32_bound
 from .conftest import make, states_for
 
 SMALL = dict(state_size=6, hidden_local=5, hidden_functional=7, hidden_distant=4, hidden_gate=3)
@@ -43,7 +44,13 @@ def test_fast_matches_reference_float32(name):
     config = CASES[name]
     model = make(config, dtype=torch.float32)
     x = states_for(config, 3, dtype=torch.float32)
-    assert (model(x) - reference_step(model, x)).abs().max().item() <= 1e-5
+    expected = reference_step(model, x)
+    # float32: the fast path sums in other orders (tier sums, blocked matmuls, streamed softmax); terms: the
+    # largest tier's mean, the S-input and H-hidden layers, then 4 RK4 stages per ODE step, each S + H_D.
+    c = config
+    terms = (max(model.geometry.num_offsets) + c.state_size + max(c.hidden_local, c.hidden_functional, c.hidden_gate)
+             + 4 * c.ode_steps * (c.state_size + c.hidden_distant))
+    assert (model(x) - expected).abs().max().item() <= float32_bound(expected, terms=terms)
 
 
 def test_blocking_does_not_change_the_result():

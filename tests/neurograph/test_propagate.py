@@ -1,5 +1,5 @@
 """The fast path against the per-node reference: same active sets, indices and radiation
-targets at every timestep, strengths within 1e-5 (float64 here: 1e-9), same gradients."""
+targets at every timestep, strengths (float64 for a net of either dtype) within 1e-9, same gradients."""
 
 import importlib
 
@@ -75,7 +75,7 @@ def test_radiation_blocks_agree(monkeypatch):
 
 
 def test_user_graph_and_float32_match_reference():
-    """A hand-made DAG (edges used source -> target) in float32: strengths within 1e-5."""
+    """A hand-made DAG (edges used source -> target) in float32: the same runs (strengths are float64)."""
     config = small_config(n=8, n_input=2, n_output=2, fan_in=1, k=1, T_max=5, t_min=2)
     graph = Graph.from_edges(8, 2, 2, [[0, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7], [2, 7]])
     net = make_net(config, dtype=torch.float32)

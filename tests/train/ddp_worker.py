@@ -1,5 +1,6 @@
-"""A ``torchrun`` worker for test_ddp.py: trains a tiny float32 token model with the shared
-trainer and saves its parameters. Run without torchrun it is a plain single process::
+"""A ``torchrun`` worker for test_ddp.py: trains a tiny float64 token model with the shared
+trainer and saves its parameters (float64: see test_ddp.SPLIT_BOUND). Run without torchrun it is
+a plain single process::
 
     python -m torch.distributed.run --nproc_per_node 2 tests/train/ddp_worker.py '<jobs as JSON>'
 
@@ -79,7 +80,7 @@ class LMTokens(Tokens):
 
 def model(dropout: float = 0.0) -> TinyLM:
     torch.manual_seed(1)
-    return TinyLM(dropout)
+    return TinyLM(dropout).double()
 
 
 def lm_model() -> nn.Module:
@@ -87,7 +88,7 @@ def lm_model() -> nn.Module:
     from neurolattice.lm import LMConfig, build_model
 
     torch.manual_seed(1)
-    return build_model(LMConfig.preset("tiny", d_model=16, n_layers=1, n_heads=2, ffn_size=32, seq_len=SEQ))
+    return build_model(LMConfig.preset("tiny", d_model=16, n_layers=1, n_heads=2, ffn_size=32, seq_len=SEQ)).double()
 
 
 def run(job: dict) -> None:
