@@ -203,10 +203,11 @@ class BEMController(nn.Module):
     def before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the model: arm routing with the ``attention_mask`` and the state to
         continue. The KV cache is found by its type, not by its argument's name (which moved from
-        ``past_key_values`` to ``cache`` in transformers 5.24). An empty cache (or none) starts fresh; a cache
-        holding L positions continues the routing state kept with that cache object, which must have
-        seen exactly L columns (a cache this controller did not route, or one cropped or grown
-        elsewhere, is a one-line error). With ``inputs_embeds`` and no ``route_layer``, route now."""
+        ``past_key_values`` to ``cache`` in transformers 5.24). An empty cache (or none) starts
+        fresh; a cache holding L positions continues the routing state kept with that cache object,
+        which must have seen exactly L columns (a cache this controller did not route, or one
+        cropped or grown elsewhere, is a one-line error). With ``inputs_embeds`` and no
+        ``route_layer``, route now."""
         arguments = {**dict(zip(self.forward_args, args)), **kwargs}
         cache = find_cache(arguments)
         cached = 0 if cache is None else cache.get_seq_length()

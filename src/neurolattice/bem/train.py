@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from neurolattice.lm.data import ByteTokenizer
+from neurolattice.lm.model import causal_lm
 from neurolattice.lm.task import NextTokenTask, heldout_loss
 
 from .attach import adapter_state_dict, attach, load_adapter_state_dict, regularizers
@@ -90,12 +91,6 @@ class BEMModel(nn.Module):
         return nn.modules.module._IncompatibleKeys([], [])
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The LM inside DDP and :class:`BEMModel` wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "lm", model)
-
-
 class BEMTask(NextTokenTask):
     """Next-token prediction on the two-domain mix (:mod:`neurolattice.bem.data`), the LM's loss
     (:class:`~neurolattice.lm.task.NextTokenTask`, activation checkpointing included) plus the
@@ -110,7 +105,7 @@ class BEMTask(NextTokenTask):
     def loss_sum(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
                  grad_checkpointing: bool = False) -> torch.Tensor:
         loss = super().loss_sum(model, batch, grad_checkpointing)
-        lm = _unwrap(model)
+        lm = causal_lm(model)
         if self.bem is not None and hasattr(lm, "bem_controller"):
             reg = regularizers(lm)  # means over the batch's tokens: weigh them by its targets
             loss = loss + self.count_targets(batch) * (self.bem.code_norm_weight * reg["code_norm"]
@@ -140,7 +135,7 @@ def stack_experts(model: nn.Module, experts: list[dict[str, tuple[torch.Tensor, 
     ``model.named_modules()``), PEFT's ``lora_A`` / ``lora_B`` weights; BEM's rank must be
     ``E * r_e``. Every attached module needs every expert's pair.
     """
-    layers = {name: m for name, m in _unwrap(model).named_modules() if isinstance(m, BEMLinear)}
+    layers = {name: m for name, m in causal_lm(model).named_modules() if isinstance(m, BEMLinear)}
     n_experts = len(experts)
     rank = next(iter(layers.values())).rank
     if rank % n_experts:
@@ -167,7 +162,7 @@ def imitation_loss(model: nn.Module, inputs: torch.Tensor, mask: torch.Tensor, t
     """Mean squared difference between the effective codes the controller gives the real
     tokens of ``inputs`` ``[B, T]`` and ``target`` ``[B, S, r]`` (each row's expert code), each
     slot at its own level. Only the controller runs (on the input embeddings), not the LM."""
-    lm = _unwrap(model)
+    lm = causal_lm(model)
     controller = lm.bem_controller
     if controller.config.route_layer is not None:
         raise ValueError("expert imitation routes from the input embeddings: route_layer must be none")
