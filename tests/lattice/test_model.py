@@ -1,4 +1,4 @@
-"""LatticeModel, its data, its training through the shared trainer, and the CLI."""
+"""LatticeModel, its training through the shared trainer, and the CLI."""
 
 import json
 
@@ -9,8 +9,10 @@ import torch
 from neurolattice.cli import main
 from neurolattice.lattice import LatticeConfig
 from neurolattice.lattice.model import LatticeModel, LatticeModelConfig
-from neurolattice.lattice.tasks import LatticeTask, load_digits, load_npz, wilson_interval
+from neurolattice.lattice.tasks import LatticeTask
 from neurolattice.train import TrainConfig, Trainer, load_checkpoint, save_checkpoint, seed_everything
+
+from ..npz import write_npz
 
 TINY = LatticeConfig(dims=(4, 3, 2), state_size=4, hidden_local=3, hidden_functional=3, hidden_distant=3,
                      hidden_gate=3, r_local=1.0, r_functional=1.5, r_distant=2.0)
@@ -62,56 +64,6 @@ def test_bad_inputs():
         model(torch.full((1, 4, 3, 2), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError, match="lattice dims"):
         LatticeModelConfig(lattice=TINY, input_shape=(8, 8, 1))
-
-
-def test_digits_split_is_stratified_75_25():
-    data = load_digits()
-    assert len(data.y_train) == 1347 and len(data.y_test) == 450
-    assert data.x_train.shape[1:] == (8, 8, 1) and float(data.x_train.max()) == 1.0
-    share = torch.bincount(data.y_test, minlength=10) / torch.bincount(data.y_train, minlength=10)
-    assert ((share - 1 / 3).abs() < 0.03).all()
-
-
-def test_wilson_interval():
-    lo, hi = wilson_interval(441, 450)
-    assert lo < 441 / 450 < hi and 0.95 < lo and hi < 0.995
-
-
-def _npz(tmp_path, name="d.npz", **arrays):
-    path = tmp_path / name
-    np.savez(path, **arrays)
-    return path
-
-
-def test_npz_kinds(tmp_path):
-    rng = np.random.default_rng(0)
-    images = load_npz(_npz(tmp_path, x=rng.random((40, 5, 6)), y=np.arange(40) % 4))
-    assert images.input_shape == (5, 6, 1) and images.task == "classification" and images.num_outputs == 4
-    vectors = load_npz(_npz(tmp_path, x=rng.random((40, 7)), y=rng.random((40, 2))))
-    assert vectors.input_shape == (7,) and vectors.task == "regression" and vectors.num_outputs == 2
-
-
-@pytest.mark.parametrize("arrays, words", [
-    (dict(x=np.zeros((10, 3))), "no array(s) ['y']"),
-    (dict(x=np.zeros((10, 3)), y=np.zeros(9, dtype=int)), "n = 10 rows"),
-    (dict(x=np.zeros((10,)), y=np.zeros(10, dtype=int)), "x must be"),
-    (dict(x=np.full((10, 3), np.nan), y=np.arange(10) % 2), "NaN or inf"),
-    (dict(x=np.zeros((10, 3)), y=np.arange(10) - 1), "labels must be >= 0"),
-    (dict(x=np.zeros((10, 3)), y=np.zeros(10, dtype=int)), "K >= 2"),
-])
-def test_npz_errors(tmp_path, arrays, words):
-    with pytest.raises(ValueError) as excinfo:
-        load_npz(_npz(tmp_path, **arrays))
-    assert words in str(excinfo.value) and "\n" not in str(excinfo.value)
-
-
-def test_npz_missing_and_corrupt(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        load_npz(tmp_path / "nope.npz")
-    bad = tmp_path / "bad.npz"
-    bad.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(ValueError, match="cannot read"):
-        load_npz(bad)
 
 
 def _task(n=32, seed=0):
@@ -167,9 +119,9 @@ def test_cli_train_eval_show(tmp_path, capsys):
     rng = np.random.default_rng(0)
     y = np.arange(48) % 3
     x = rng.normal(size=(48, 4, 3)) + y[:, None, None]
-    data = _npz(tmp_path, x=x, y=y)
+    data = write_npz(tmp_path / "d.npz", x=x, y=y)
     out = tmp_path / "run"
-    args = ["lattice", "train", "--data", str(data), "--out", str(out), "--json", str(tmp_path / "t.json"),
+    args = ["lattice", "train", "--data", data, "--out", str(out), "--json", str(tmp_path / "t.json"),
             "lattice.dims=[4, 3, 2]", "lattice.state_size=4", "model.steps=2", "train.steps=4",
             "train.batch_size=8", "train.eval_every=2", "train.warmup_steps=1"]
     seed_everything(0)

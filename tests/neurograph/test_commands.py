@@ -11,6 +11,7 @@ from neurolattice.neurograph import NeuroGraphConfig
 from neurolattice.neurograph.commands import load_run
 
 from ..cli_errors import one_line_error
+from ..npz import write_npz
 from .conftest import features, make_net, small_config
 
 SMALL = ["neurograph.n=230", "neurograph.n_input=20", "neurograph.epochs=1", "neurograph.t_min=1",
@@ -38,13 +39,13 @@ def test_choices_never_read_the_held_out_split(tmp_path, monkeypatch):
     """Two runs whose held-out features and labels differ (the second's are scrambled): the
     chosen restart, the validation accuracies, the kept epoch and the saved network are the same;
     only the held-out figures differ."""
-    from neurolattice.neurograph import learn
+    from neurolattice.neurograph import task
 
     gen = np.random.default_rng(0)
     y = np.arange(160) % 3
     x = gen.normal(size=(3, 4))[y] * 2 + gen.normal(size=(160, 4)) * 0.5
-    data_path = _npz(tmp_path / "blobs.npz", x, y)
-    load = learn.load_data
+    data_path = write_npz(tmp_path / "blobs.npz", x=x, y=y)
+    load = task.load_data
     args = ["neurograph.n=60", "neurograph.n_input=12", "neurograph.n_output=3", "neurograph.D=2",
             "neurograph.epochs=3", "neurograph.restarts=2", "neurograph.probe_epochs=1", "neurograph.batch_size=16"]
     runs = []
@@ -56,7 +57,7 @@ def test_choices_never_read_the_held_out_split(tmp_path, monkeypatch):
                 data.y_test = (data.y_test + 1) % 3
             return data
 
-        monkeypatch.setattr(learn, "load_data", load_data)
+        monkeypatch.setattr(task, "load_data", load_data)
         out, path = tmp_path / f"run{int(scramble)}", tmp_path / f"run{int(scramble)}.json"
         assert cli.main(["neurograph", "train", "--data", data_path, "--out", str(out), "--json", str(path),
                          *args]) == 0
@@ -88,26 +89,21 @@ def _cli_error(capsys, argv, *words):
     return message
 
 
-def _npz(path, x, y):
-    np.savez(path, x=x, y=y)
-    return str(path)
-
-
 def test_cli_errors(trained, tmp_path, capsys):
     out, _ = trained
     x = np.random.default_rng(0).random((80, 7))
     y = np.arange(80) % 12
     _cli_error(capsys, ["neurograph", "train", "--out", str(tmp_path / "a"), "neurograph.bogus=1"],
                "unknown NeuroGraphConfig key", "bogus")
-    _cli_error(capsys, ["neurograph", "train", "--out", str(tmp_path / "a"), "--data", _npz(tmp_path / "l.npz", x, y)],
-               "labels must be in [0, 9]", "11")
+    _cli_error(capsys, ["neurograph", "train", "--out", str(tmp_path / "a"),
+                        "--data", write_npz(tmp_path / "l.npz", x=x, y=y)], "labels must be in [0, 9]", "11")
     bad = x.copy()
     bad[3, 2] = np.nan
-    _cli_error(capsys, ["neurograph", "train", "--data", _npz(tmp_path / "n.npz", bad, y % 10)], "NaN or inf")
+    _cli_error(capsys, ["neurograph", "train", "--data", write_npz(tmp_path / "n.npz", x=bad, y=y % 10)], "NaN or inf")
     _cli_error(capsys, ["neurograph", "train", "--data", str(tmp_path / "missing.npz")], "does not exist")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     _cli_error(capsys, ["neurograph", "train", "--data", str(tmp_path / "junk.npz")], "cannot read")
-    _cli_error(capsys, ["neurograph", "eval", str(out), "--data", _npz(tmp_path / "w.npz", x, y % 10)],
+    _cli_error(capsys, ["neurograph", "eval", str(out), "--data", write_npz(tmp_path / "w.npz", x=x, y=y % 10)],
                "expects 64 features", "has 7")
     _cli_error(capsys, ["neurograph", "eval", str(tmp_path / "nowhere")], "no checkpoint")
     _cli_error(capsys, ["neurograph", "train", "--out", str(out), *SMALL], "already holds a run")

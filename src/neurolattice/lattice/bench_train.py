@@ -40,12 +40,13 @@ TABLE = Table([
 def measure(steps: int, grad_checkpointing: bool, dims: list[int], state_size: int, batch: int,
             repeats: int) -> dict[str, Any]:
     """One training step of the model described by the arguments (inside :func:`run_isolated`)."""
+    from neurolattice.data import Dataset
     from neurolattice.train import TrainConfig, Trainer
 
     from .config import LatticeConfig
     from .experiment import DEFAULTS
     from .model import LatticeModel, LatticeModelConfig
-    from .tasks import Dataset, LatticeTask
+    from .tasks import LatticeTask
 
     torch.manual_seed(0)
     hidden = {k: state_size for k in ("hidden_local", "hidden_functional", "hidden_distant", "hidden_gate")}

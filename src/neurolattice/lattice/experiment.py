@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from neurolattice.config import layered_config
+from neurolattice.data import Dataset, baselines, load_digits, load_npz
 from neurolattice.train import (
     TrainConfig,
     Trainer,
@@ -26,7 +27,7 @@ from neurolattice.train import (
 
 from .config import LatticeConfig
 from .model import LatticeModel, LatticeModelConfig
-from .tasks import Dataset, LatticeTask, baselines, held_out, load_digits, load_npz
+from .tasks import LatticeTask, held_out
 
 SECTIONS = ("model", "lattice", "train")
 # The default experiment (digits). Every value can be overridden by a TOML file with these

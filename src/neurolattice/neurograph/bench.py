@@ -33,9 +33,10 @@ from neurolattice.bench.harness import machine_info, run_isolated, time_ms
 from neurolattice.bench.report import Column, Results, Table, format_bytes, format_machine
 
 from .config import NeuroGraphConfig
-from .learn import load_data, train_step
+from .learn import train_step
 from .propagate import NeuroGraph
 from .reference import SignalCache, reference_propagate
+from .task import load_data
 
 HELP = "time a NeuroGraph training step per sample: per-node reference vs fast path, at 1k to 100k nodes"
 METHODS = ("reference", "fast")

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from neurolattice.config import layered_config, sections_help
+from neurolattice.data import Dataset, baselines
 from neurolattice.io import atomic_write_json
-from neurolattice.lattice.tasks import baselines
 from neurolattice.train import load_checkpoint, read_config, resolve_checkpoint, save_checkpoint
 
-from . import learn
+from . import learn, task
 from .config import NeuroGraphConfig
 from .propagate import NeuroGraph
 
@@ -30,19 +30,19 @@ SECTIONS = ("neurograph",)
 HISTORY = "history.json"
 
 
-def build(data_path: str | None, config_file: str | None, overrides: list[str]) -> tuple[NeuroGraphConfig, Any]:
+def build(data_path: str | None, config_file: str | None, overrides: list[str]) -> tuple[NeuroGraphConfig, Dataset]:
     """The config (defaults, TOML file, ``neurograph.KEY=VALUE`` overrides) and the data,
     checked against each other (labels in range of ``n_output``)."""
     merged, _ = layered_config(SECTIONS, {"neurograph": {}}, config_file, overrides)
     config = NeuroGraphConfig.from_dict(merged["neurograph"])
-    data = learn.load_data(data_path)
+    data = task.load_data(data_path)
     for y in (data.y_train, data.y_test):
         learn.check_labels(y, config.n_output)
     return config, data
 
 
 def load_run(path: str, data_path: str | None = None,
-             expected: NeuroGraphConfig | None = None) -> tuple[NeuroGraph, Any, dict[str, Any]]:
+             expected: NeuroGraphConfig | None = None) -> tuple[NeuroGraph, Dataset, dict[str, Any]]:
     """The trained network at ``path`` (run or step directory), its data (``data_path`` or the
     run's own) and its saved run config. ``expected``: the config the checkpoint must have. The
     network is built with the seed of the restart the run kept (``selection.seed``), so its
@@ -54,7 +54,7 @@ def load_run(path: str, data_path: str | None = None,
     except (KeyError, TypeError) as err:
         where = resolve_checkpoint(path)
         raise ValueError(f"{where} is not a neurograph checkpoint (no {err} in its config)") from None
-    data = learn.load_data(data_path if data_path is not None else source)
+    data = task.load_data(data_path if data_path is not None else source)
     if data.x_test.shape[1] != n_features:
         raise ValueError(f"the checkpoint expects {n_features} features per sample, "
                          f"the data has {data.x_test.shape[1]}")
@@ -64,11 +64,11 @@ def load_run(path: str, data_path: str | None = None,
     return net, data, saved
 
 
-def held_out_figures(net: NeuroGraph, data) -> dict[str, Any]:
-    """:func:`.learn.evaluate` of ``net`` beside the same network untrained
+def held_out_figures(net: NeuroGraph, data: Dataset) -> dict[str, Any]:
+    """:func:`.task.evaluate` of ``net`` beside the same network untrained
     (``untrained_accuracy``) and scikit-learn's logistic regression on the same split."""
-    untrained = learn.evaluate(NeuroGraph(net.config, net.n_features), data)["accuracy"]
-    return {**learn.evaluate(net, data), "untrained_accuracy": untrained,
+    untrained = task.evaluate(NeuroGraph(net.config, net.n_features), data)["accuracy"]
+    return {**task.evaluate(net, data), "untrained_accuracy": untrained,
             "logistic_regression": baselines(data, ("logistic_regression",))["logistic_regression"]}
 
 
@@ -184,7 +184,7 @@ class Show(_OnRun):
         paths = []
         if history_path.is_file():
             paths.append(training_curves(json.loads(history_path.read_text()), out))
-        paths.append(activity_per_step(learn.evaluate(args.net, args.data_obj), out))
+        paths.append(activity_per_step(task.evaluate(args.net, args.data_obj), out))
         for path in paths:
             print(f"wrote {path}")
         return 0

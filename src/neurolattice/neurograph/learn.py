@@ -261,34 +261,3 @@ def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
     net.version += 1
     return Fit(net, histories[chosen], restarts, seeds[chosen], epoch, val_acc)
 
-
-def load_data(path: str | None):
-    """The task: scikit-learn digits (``path`` None) or a user's ``.npz`` (arrays ``x``, ``y``
-    with integer labels), stratified 75/25 with seed 0 (:mod:`neurolattice.lattice.tasks`),
-    features flattened to ``[n, F]``. Returns the :class:`~neurolattice.lattice.tasks.Dataset`."""
-    import zipfile
-    from pathlib import Path
-
-    from neurolattice.lattice.tasks import load_digits, load_npz
-
-    if path is not None and Path(path).is_file() and not zipfile.is_zipfile(path):
-        raise ValueError(f"cannot read {path} as a .npz file: it is not a zip archive")
-    data = load_digits() if path is None else load_npz(path)
-    if data.task != "classification":
-        raise ValueError(f"{path}: NeuroGraph classifies: y must be integer class labels, got float targets")
-    data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
-    return data
-
-
-def evaluate(net: NeuroGraph, data) -> dict[str, Any]:
-    """Held-out ``accuracy`` with its 95% Wilson interval ``ci95``, mean ``steps`` and the mean
-    active nodes after each timestep ``activity`` (over all test samples; 0 once stopped)."""
-    from neurolattice.lattice.tasks import wilson_interval
-
-    check_labels(data.y_test, net.config.n_output)
-    out = predict(net, data.x_test.to(net.P.device))
-    correct = int((out["logits"].argmax(1) == data.y_test).sum())
-    last = int(out["steps"].max())
-    return {"accuracy": correct / len(data.y_test), "ci95": list(wilson_interval(correct, len(data.y_test))),
-            "steps": float(out["steps"].float().mean()),
-            "activity": out["activity"][:last].float().mean(1).tolist()}

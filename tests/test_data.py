@@ -1,0 +1,57 @@
+"""The shared data (digits, the user's ``.npz``) and its evaluation (:mod:`neurolattice.data`)."""
+
+import numpy as np
+import pytest
+import torch
+
+from neurolattice.data import load_digits, load_npz, wilson_interval
+
+from .npz import write_npz
+
+
+def test_digits_split_is_stratified_75_25():
+    data = load_digits()
+    assert len(data.y_train) == 1347 and len(data.y_test) == 450
+    assert data.x_train.shape[1:] == (8, 8, 1) and float(data.x_train.max()) == 1.0
+    share = torch.bincount(data.y_test, minlength=10) / torch.bincount(data.y_train, minlength=10)
+    assert ((share - 1 / 3).abs() < 0.03).all()
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(441, 450)
+    assert lo < 441 / 450 < hi and 0.95 < lo and hi < 0.995
+
+
+def test_npz_kinds(tmp_path):
+    rng = np.random.default_rng(0)
+    images = load_npz(write_npz(tmp_path / "d.npz", x=rng.random((40, 5, 6)), y=np.arange(40) % 4))
+    assert images.input_shape == (5, 6, 1) and images.task == "classification" and images.num_outputs == 4
+    vectors = load_npz(write_npz(tmp_path / "d.npz", x=rng.random((40, 7)), y=rng.random((40, 2))))
+    assert vectors.input_shape == (7,) and vectors.task == "regression" and vectors.num_outputs == 2
+
+
+@pytest.mark.parametrize("arrays, words", [
+    (dict(x=np.zeros((10, 3))), "no array(s) ['y']"),
+    (dict(x=np.zeros((10, 3)), y=np.zeros(9, dtype=int)), "n = 10 rows"),
+    (dict(x=np.zeros((10,)), y=np.zeros(10, dtype=int)), "x must be"),
+    (dict(x=np.full((10, 3), np.nan), y=np.arange(10) % 2), "NaN or inf"),
+    (dict(x=np.zeros((10, 3)), y=np.arange(10) - 1), "labels must be >= 0"),
+    (dict(x=np.zeros((10, 3)), y=np.zeros(10, dtype=int)), "K >= 2"),
+])
+def test_npz_errors(tmp_path, arrays, words):
+    with pytest.raises(ValueError) as excinfo:
+        load_npz(write_npz(tmp_path / "d.npz", **arrays))
+    assert words in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_npz_missing_and_corrupt(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_npz(tmp_path / "nope.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_npz(bad)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="cannot read .* not a zip archive"):
+        load_npz(junk)
