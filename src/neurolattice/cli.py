@@ -31,7 +31,7 @@ SYSTEMS: dict[str, tuple[str, dict[str, str]]] = {
     }),
     "bem": ("routed low-rank adapters (BEM) for Hugging Face causal LMs", {
         "train": "neurolattice.bem.commands:Train", "eval": "neurolattice.bem.commands:Eval",
-        "generate": "neurolattice.bem.commands:Generate", "experiment": "neurolattice.bem.experiment",
+        "generate": "neurolattice.bem.commands:Generate", "experiment": "neurolattice.bem.study",
         "bench": "neurolattice.bem.bench",
     }),
     "neurograph": ("the discrete phase-signal graph", {

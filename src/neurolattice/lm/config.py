@@ -1,4 +1,5 @@
-"""Configuration of the language model (spec: shared/spec/lm.md)."""
+"""Configuration of the language model (:class:`LMConfig`) and of the text it trains on
+(:class:`DataConfig`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neurolattice.config import config_from_dict, config_to_dict
+
+from .data import LMData, load_lm_data
 
 # Sizes of the named presets; every other field keeps its default unless overridden.
 PRESETS: dict[str, dict[str, int]] = {
@@ -73,3 +76,24 @@ class LMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LMConfig:
         return config_from_dict(cls, data)
+
+
+@dataclass
+class DataConfig:
+    """The text the model trains on and how it is split and cut (see :func:`.load_lm_data`)."""
+
+    folder: str | None = field(
+        default=None, metadata={"help": "folder of text files (--data; default: the Python standard library)"}
+    )
+    seq_len: int | None = field(default=None, metadata={"help": "tokens per sequence (default: model.seq_len)"})
+    heldout_fraction: float = field(default=0.1, metadata={"help": "fraction of the files held out"})
+    seed: int = field(default=0, metadata={"help": "seed of the split by file"})
+    max_bytes: int | None = field(default=None, metadata={"help": "cap on the text read (default: all of it)"})
+
+    def __post_init__(self) -> None:
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool)
+                                         or self.seq_len < 1):
+            raise ValueError(f"seq_len must be a positive integer, got {self.seq_len!r}")
+
+    def load(self) -> LMData:
+        return load_lm_data(self.folder, self.seq_len, self.heldout_fraction, self.seed, self.max_bytes)

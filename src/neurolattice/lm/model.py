@@ -17,11 +17,13 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from .config import LMConfig
+from .data import ByteTokenizer
 
 
 def llama_config(cfg: LMConfig) -> LlamaConfig:
@@ -57,6 +59,21 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> int:
     c = model.config
     context = c.max_position_embeddings if seq_len is None else seq_len
     return 6 * count_parameters(model)["matmul"] + 12 * c.num_hidden_layers * c.hidden_size * context
+
+
+def continue_prompt(model: nn.Module, eod: int, prompt: str, max_new_tokens: int, temperature: float = 0.8,
+                    greedy: bool = False, seed: int = 0) -> str:
+    """``prompt`` and its continuation by ``model.generate`` (byte tokens after an end-of-document
+    ``eod``, KV cache): at most ``max_new_tokens`` bytes, the most likely byte each step
+    (``greedy``) or one sampled at ``temperature`` from the RNG seeded with ``seed``."""
+    tokenizer = ByteTokenizer()
+    ids = torch.cat([torch.tensor([eod]), tokenizer.encode(prompt)])[None]  # (1, T)
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0}
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=eod,
+                             pad_token_id=eod, max_new_tokens=max_new_tokens, **sampling)
+    return prompt + tokenizer.decode(out[0, ids.shape[1]:])
 
 
 def causal_lm(model: nn.Module) -> PreTrainedModel:

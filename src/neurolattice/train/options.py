@@ -1,11 +1,22 @@
-"""The command-line options every training command shares: the run directory, a time budget
-and resuming."""
+"""The command line the LM and BEM commands share: the options of a training run (the run
+directory, a time budget, resuming) and training with them (:func:`train_run`), and the options
+of continuing a prompt."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neurolattice.io import atomic_write_json
+
+from . import distributed
+from .trainer import Task, TrainConfig, Trainer, seed_everything
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -28,6 +39,65 @@ def check_run_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.out} already holds a run: pass --resume, or choose another --out")
 
 
-def deadline(args: argparse.Namespace) -> float | None:
-    """The ``time.monotonic()`` at which ``--max-minutes`` runs out (None: no budget)."""
-    return None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+def train_run(args: argparse.Namespace, build: Callable[[], nn.Module], task: Task, train: TrainConfig,
+              model_config: dict[str, Any], records: dict[str, Any] | None = None) -> dict[str, float] | None:
+    """Train the model ``build()`` makes (after seeding with ``train.seed``) on ``task`` into
+    ``--out`` with the shared trainer, alone or on the ranks ``torchrun`` started; ``--resume``
+    continues the run there and ``--max-minutes`` stops it with a checkpoint. The main process
+    writes ``records`` (file name -> JSON) into ``--out`` before training and says where the
+    budget stopped it. A ``ValueError`` of the trainer (a batch the ranks do not divide, a
+    resumed run of another config) exits as a usage error, in one line.
+
+    Returns the last logged record on the main process, None on the others (which print nothing).
+    """
+    with distributed.init_from_env() as device:
+        # In a function of its own, so the trainer and its DDP wrapper are freed before the
+        # process group is destroyed (freeing them after can hang gloo at exit).
+        return _train(args, build, task, train, model_config, records or {}, device)
+
+
+def _train(args: argparse.Namespace, build: Callable[[], nn.Module], task: Task, train: TrainConfig,
+           model_config: dict[str, Any], records: dict[str, Any], device: torch.device) -> dict[str, float] | None:
+    stop_at = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+    out = Path(args.out)
+    seed_everything(train.seed)
+    model = build().to(device)
+    try:  # the batch split over the ranks, the resumed run's config
+        trainer = Trainer(model, task, train, out_dir=out, model_config=model_config)
+        if args.resume:
+            trainer.resume()
+    except ValueError as err:
+        args.command_parser.error(str(err))
+    if distributed.is_main():
+        for name, value in records.items():
+            atomic_write_json(out / name, value)
+    record = trainer.fit(deadline=stop_at)
+    if not distributed.is_main():
+        return None
+    if trainer.step < train.steps:
+        print(f"stopped at step {trainer.step} of {train.steps}: --max-minutes {args.max_minutes} ran out")
+    return record
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--prompt``, ``--max-new-tokens``, ``--temperature``, ``--greedy``, ``--seed``."""
+    parser.add_argument("--prompt", required=True, help="text to continue (it starts a document)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help="bytes to generate at most (default: the rest of the model's context)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
+    parser.add_argument("--greedy", action="store_true", help="take the most likely byte (no sampling)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+
+
+def check_sampling(args: argparse.Namespace, seq_len: int) -> None:
+    """One-line ``ValueError`` unless the temperature is positive and the prompt (an
+    end-of-document token, then one token per byte) plus ``--max-new-tokens`` (default: all the
+    room left) fit in ``seq_len`` tokens."""
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    context = 1 + len(args.prompt.encode("utf-8"))  # end-of-document, then the prompt
+    room = seq_len - context
+    args.max_new_tokens = room if args.max_new_tokens is None else args.max_new_tokens
+    if not 1 <= args.max_new_tokens <= room:
+        raise ValueError(f"the prompt ({context - 1} bytes) + --max-new-tokens {args.max_new_tokens} must fit "
+                         f"in the model's context of {seq_len} tokens, with at least 1 new token")
