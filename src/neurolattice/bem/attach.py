@@ -12,7 +12,10 @@
 
 The routing context (``model.bem_controller.last``) is then read by every BEM layer. The hooks
 are bound methods of the controller, so a deep copy of an attached model routes with its own
-controller.
+controller. Their handles are kept in ``model.bem_controller.hooks`` and :func:`detach` removes
+the hooks with them. A handle holds its module's hook dicts by weak reference, but it is copied
+through its state, the dicts themselves: in a deep copy of the model that state resolves (by
+``deepcopy``'s memo) to the copy's dicts, so the copy's handles remove the copy's hooks only.
 """
 
 from __future__ import annotations
@@ -102,9 +105,9 @@ def attach(model: nn.Module, config: BEMConfig) -> nn.Module:
     # mask and cache, and a direct call of the base model routes too.
     body = getattr(model, "base_model", model)
     controller.forward_args = tuple(inspect.signature(body.forward).parameters)
-    body.register_forward_pre_hook(controller.before_forward, with_kwargs=True)
-    body.register_forward_hook(controller.after_forward)
-    source.register_forward_hook(controller.route_from)
+    controller.hooks = [body.register_forward_pre_hook(controller.before_forward, with_kwargs=True),
+                        body.register_forward_hook(controller.after_forward),
+                        source.register_forward_hook(controller.route_from)]
     return model
 
 
@@ -133,12 +136,8 @@ def _unwrap(model: nn.Module, replacement: Callable[[BEMLinear], nn.Module]) -> 
     for name, layer in bem_layers(model):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, replacement(layer))
-    for module in model.modules():  # the hooks are the controller's bound methods (they survive a deepcopy)
-        for hooks, with_kwargs in ((module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs),
-                                   (module._forward_hooks, module._forward_hooks_with_kwargs)):
-            for key in [k for k, fn in hooks.items() if getattr(fn, "__self__", None) is controller]:
-                del hooks[key]
-                with_kwargs.pop(key, None)
+    for handle in controller.hooks:
+        handle.remove()
     del model.bem_controller
     del model.bem_config
     return model

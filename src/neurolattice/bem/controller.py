@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import Cache
 
 from neurolattice.lm.model import find_cache
@@ -77,6 +78,13 @@ class RoutingState:
         """The state of the sequences ``rows`` (beam search reorders its beams this way)."""
         return RoutingState(self.length, self.seen[rows], self.prefix[rows], self.chunk_sum[rows], self.ema[rows])
 
+
+# Following the KV cache. transformers passes the cache into the base model's forward as a
+# ``transformers.Cache`` object (the argument ``past_key_values`` up to 5.23, ``cache`` from 5.24)
+# and returns that object in the forward's output; beam search reorders it in place with
+# ``cache.reorder_cache(beam_idx)``. The routing state rides on the object: ``keep_with``,
+# ``routed_state`` and ``_reorder_with_routing`` here, used by the hooks
+# ``BEMController.before_forward`` and ``after_forward`` (which find the cache by its type).
 
 def keep_with(cache: Cache, controller: nn.Module, state: RoutingState) -> None:
     """Keep ``state`` on the KV cache it belongs to, as ``cache.bem_routing``. The first time, the
@@ -179,6 +187,7 @@ class BEMController(nn.Module):
         self.pending: tuple | None = None  # (attention mask, state) armed by the model's pre-hook
         self.running: Tensor | None = None  # telemetry sums since they were last read
         self.forward_args: tuple[str, ...] = ()  # parameter names of the model's forward, set by attach
+        self.hooks: list[RemovableHandle] = []  # the handles of the hooks attach installed (detach removes them)
 
     def _apply(self, fn, recurse=True):
         # Moving or casting the controller drops what it holds from earlier forwards.
