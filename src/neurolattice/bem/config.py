@@ -1,4 +1,4 @@
-"""Configuration of BEM, routed low-rank adapters (spec: shared/spec/bem.md)."""
+"""Configuration of BEM, routed low-rank adapters."""
 
 from __future__ import annotations
 
