@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurolattice.data import load_digits, load_npz, wilson_interval
+from neurolattice.data import baselines, load_digits, load_npz, wilson_interval
 
 from .npz import write_npz
 
@@ -55,3 +55,24 @@ def test_npz_missing_and_corrupt(tmp_path):
     junk.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="cannot read .* not a zip archive"):
         load_npz(junk)
+
+
+def test_baselines_score_k_targets_with_the_pooled_r2(tmp_path):
+    """Two float targets on features of scales 1 to 1e4: each baseline's figure is the R^2 the
+    models report, pooled over the targets (scikit-learn's variance-weighted R^2), of the model
+    fitted behind a scaler (recomputed here)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 4)) * np.array([1.0, 10.0, 1e3, 1e4])
+    y = x / x.std(0) @ rng.normal(size=(4, 2)) + 0.1 * rng.normal(size=(80, 2))
+    data = load_npz(write_npz(tmp_path / "reg2.npz", x=x, y=y))
+    figures = baselines(data)
+    assert set(figures) == {"ridge", "mlp"}
+    ridge = make_pipeline(StandardScaler(), Ridge()).fit(data.x_train.numpy(), data.y_train.numpy())
+    expected = r2_score(data.y_test.numpy(), ridge.predict(data.x_test.numpy()), multioutput="variance_weighted")
+    assert abs(figures["ridge"] - expected) <= 1e-5
+    assert figures["mlp"] > 0.5

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from neurolattice.cli import main
+from neurolattice.data import load_npz
 from neurolattice.lattice import LatticeConfig
 from neurolattice.lattice.model import LatticeModel, LatticeModelConfig
 from neurolattice.lattice.tasks import LatticeTask
@@ -115,27 +116,72 @@ def test_checkpoint_for_another_config_names_the_tensor(tmp_path):
     assert "\n" not in str(excinfo.value)
 
 
+TINY_RUN = ["lattice.dims=[4, 3, 2]", "lattice.state_size=4", "model.steps=2", "train.steps=4",
+            "train.batch_size=8", "train.eval_every=2", "train.warmup_steps=1"]
+
+
+def _train_and_eval(tmp_path, data: str) -> tuple[dict, dict]:
+    """``lattice train`` of a tiny model on ``data`` into ``tmp_path/run``, then ``lattice eval``
+    of the run: the figures each wrote."""
+    out = tmp_path / "run"
+    seed_everything(0)
+    assert main(["lattice", "train", "--data", data, "--out", str(out), "--json", str(tmp_path / "t.json"),
+                 *TINY_RUN]) == 0
+    assert main(["lattice", "eval", str(out), "--json", str(tmp_path / "e.json")]) == 0
+    return json.loads((tmp_path / "t.json").read_text()), json.loads((tmp_path / "e.json").read_text())
+
+
 def test_cli_train_eval_show(tmp_path, capsys):
     rng = np.random.default_rng(0)
     y = np.arange(48) % 3
     x = rng.normal(size=(48, 4, 3)) + y[:, None, None]
-    data = write_npz(tmp_path / "d.npz", x=x, y=y)
+    trained, evaluated = _train_and_eval(tmp_path, write_npz(tmp_path / "d.npz", x=x, y=y))
     out = tmp_path / "run"
-    args = ["lattice", "train", "--data", data, "--out", str(out), "--json", str(tmp_path / "t.json"),
-            "lattice.dims=[4, 3, 2]", "lattice.state_size=4", "model.steps=2", "train.steps=4",
-            "train.batch_size=8", "train.eval_every=2", "train.warmup_steps=1"]
-    seed_everything(0)
-    assert main(args) == 0
-    trained = json.loads((tmp_path / "t.json").read_text())
     assert set(trained) >= {"accuracy", "ci95", "accuracy_T0", "baselines"}
     assert set(trained["baselines"]) == {"logistic_regression", "mlp"}
-    assert main(["lattice", "eval", str(out), "--json", str(tmp_path / "e.json")]) == 0
-    evaluated = json.loads((tmp_path / "e.json").read_text())
     assert evaluated["accuracy"] == trained["accuracy"] and evaluated["accuracy_T0"] == trained["accuracy_T0"]
     assert main(["lattice", "show", str(out)]) == 0
     for name in ("training_curves", "gate_usage", "state_norms", "metric_by_steps"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     assert "95% CI" in capsys.readouterr().out
+
+
+def test_cli_regression(tmp_path, capsys):
+    """Float targets ``y [n]``: the model reports ``mse`` and ``r2``, the baselines are regressors
+    scored by the same R^2 (recomputed here with scikit-learn's own)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5))
+    y = x @ rng.normal(size=5) + 0.1 * rng.normal(size=64)
+    path = write_npz(tmp_path / "reg.npz", x=x, y=y)
+    trained, evaluated = _train_and_eval(tmp_path, path)
+    assert set(trained) >= {"mse", "r2", "r2_T0", "baselines"} and "accuracy" not in trained
+    assert evaluated == trained
+    assert set(trained["baselines"]) == {"ridge", "mlp"} and trained["baselines"]["mlp"] > 0.5
+    data = load_npz(path)
+    ridge = make_pipeline(StandardScaler(), Ridge()).fit(data.x_train.numpy(), data.y_train.numpy()[:, 0])
+    expected = r2_score(data.y_test.numpy()[:, 0], ridge.predict(data.x_test.numpy()))
+    assert abs(trained["baselines"]["ridge"] - expected) <= 1e-5
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_cli_unscaled_features(tmp_path, capsys):
+    """scikit-learn's wine, raw (features up to 1680): the baselines standardise theirs (the MLP
+    on the raw features was below chance) and ``train`` warns, in one line, that the lattice
+    model's are not."""
+    from sklearn.datasets import load_wine
+
+    wine = load_wine()
+    trained, evaluated = _train_and_eval(tmp_path, write_npz(tmp_path / "wine.npz", x=wine.data, y=wine.target))
+    assert set(trained["baselines"]) == {"logistic_regression", "mlp"}
+    assert min(trained["baselines"].values()) > 0.9
+    assert evaluated["accuracy"] == trained["accuracy"] and 0 <= trained["accuracy"] <= 1
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "wine are not standardised" in warnings[0] and "docs/lattice.md" in warnings[0]
 
 
 def test_cli_rejects_unknown_keys(tmp_path, capsys):

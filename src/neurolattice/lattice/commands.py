@@ -7,6 +7,7 @@ Each command has the shape :mod:`neurolattice.cli` expects: ``HELP``, ``add_argu
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from neurolattice.config import sections_help
@@ -16,6 +17,7 @@ from neurolattice.train import TrainConfig, resolve_checkpoint
 from . import experiment
 from .config import LatticeConfig
 from .model import LatticeModelConfig
+from .tasks import scale_warning
 
 
 def config_help() -> str:
@@ -61,6 +63,9 @@ class Train:
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         exp = args.experiment
+        warning = scale_warning(exp.data)
+        if warning:
+            print(warning, file=sys.stderr)
         result = experiment.train(exp, args.out, resume=args.resume)
         _report(exp, result, args.json)
         print(f"checkpoint: {resolve_checkpoint(args.out)}   (T = 0 baseline: {Path(args.out) / 'T0'})")

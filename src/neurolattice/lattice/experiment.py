@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from neurolattice.config import layered_config
-from neurolattice.data import Dataset, baselines, load_digits, load_npz
+from neurolattice.data import Dataset, baselines, load_digits, load_npz, primary_metric
 from neurolattice.train import (
     TrainConfig,
     Trainer,
@@ -115,10 +115,6 @@ def load_run(path: str | Path) -> tuple[Experiment, LatticeModel, LatticeModel |
         baseline = LatticeModel(dataclasses.replace(model_cfg, steps=0)).eval()
         load_checkpoint(run_dir / "T0", baseline)
     return exp, model, baseline
-
-
-def primary_metric(task: str) -> str:
-    return "accuracy" if task == "classification" else "r2"
 
 
 def summarize(data: Dataset, model: LatticeModel, baseline: LatticeModel | None) -> dict[str, Any]:

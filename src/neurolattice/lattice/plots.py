@@ -10,9 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from neurolattice.data import primary_metric  # noqa: E402
 from neurolattice.train.plots import training_curves  # noqa: E402
 
-from .experiment import Experiment, accuracy_by_steps, primary_metric  # noqa: E402
+from .experiment import Experiment, accuracy_by_steps  # noqa: E402
 from .model import LatticeModel  # noqa: E402
 from .tasks import held_out  # noqa: E402
 

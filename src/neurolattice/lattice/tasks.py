@@ -12,6 +12,20 @@ from neurolattice.train import Task
 
 from .model import LatticeModel
 
+SCALE_LIMIT = 10.0      # the root mean square of a standardised feature is 1
+
+
+def scale_warning(data: Dataset) -> str | None:
+    """One line saying that ``data``'s features are not standardised, if some feature's root mean
+    square over the training split is above :data:`SCALE_LIMIT`; else None. The lattice model
+    reads ``x`` as given (its encoder is one linear map), so the user standardises it."""
+    rms = float(data.x_train.flatten(1).square().mean(0).sqrt().max())
+    if rms <= SCALE_LIMIT:
+        return None
+    return (f"warning: the features of {data.name} are not standardised (a feature's root mean square over the "
+            f"training split is {rms:.4g}, above {SCALE_LIMIT:g}) and the lattice model reads them as given: "
+            f"standardise x in the .npz (docs/lattice.md, \"Your data\"); the scikit-learn baselines scale their own")
+
 
 @torch.no_grad()
 def predict(model: LatticeModel, x: torch.Tensor, steps: int | None = None, batch_size: int = 256) -> torch.Tensor:
