@@ -1,4 +1,4 @@
-"""Configuration of the lattice MoE step (spec: shared/spec/lattice.md)."""
+"""Configuration of the lattice MoE step (docs/lattice.md)."""
 
 from __future__ import annotations
 

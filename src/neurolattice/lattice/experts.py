@@ -1,7 +1,7 @@
 """The three experts and the gate of the lattice MoE step, on the whole lattice at once.
 
 Every module here maps ``[B, X, Y, Z, *]`` tensors (any leading shape for the pointwise
-ones) and keeps the spec's parameter names and ``nn.Linear`` orientations
+ones) and keeps the parameter names of docs/lattice.md and ``nn.Linear`` orientations
 (``weight: [out, in]``). Neighbour aggregation comes from :mod:`.geometry`.
 """
 

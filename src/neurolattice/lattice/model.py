@@ -1,4 +1,4 @@
-"""LatticeModel: the lattice step wrapped for learning tasks (spec: lattice.md, "The model
+"""LatticeModel: the lattice step wrapped for learning tasks (docs/lattice.md, "The model
 around the lattice").
 
     input  --encoder-->  z = 0 face  --T lattice steps-->  z = Z-1 face  --head-->  output

@@ -118,7 +118,7 @@ class PyGLatticeStep(nn.Module):
     .. math::
         x_i' = \mathrm{LN}_{out}(x_i + g_L o_L + g_F o_F + g_D o_D)
 
-    exactly as :class:`~neurolattice.lattice.LatticeMoE` (spec: shared/spec/lattice.md):
+    exactly as :class:`~neurolattice.lattice.LatticeMoE` (docs/lattice.md, "One step"):
     tier means by :class:`TierMean` over each tier's edges (``mean_A`` is their
     count-weighted mean), ``agg`` by :class:`FunctionalAttention`, then ``model.local``,
     ``model.functional.upd1/upd2``, ``model.distant``, ``model.gate`` and ``model.norm`` on the

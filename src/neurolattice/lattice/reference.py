@@ -1,4 +1,4 @@
-"""The per-cell reference step: the spec's "One step" block read literally.
+"""The per-cell reference step: the equations of docs/lattice.md ("One step") read literally.
 
 A loop over cells, and inside it a loop over each neighbour, one cell at a time, written
 from the parameters of a :class:`~neurolattice.lattice.LatticeMoE` with ``torch.nn.functional``

@@ -1,6 +1,6 @@
 """One synchronous step of the lattice MoE network, on the whole lattice at once.
 
-Spec: shared/spec/lattice.md ("One step"). The per-cell reading of the same math is
+The math: docs/lattice.md ("One step"). The per-cell reading of the same math is
 :mod:`neurolattice.lattice.reference`; tests hold the two to 1e-10 in float64.
 """
 

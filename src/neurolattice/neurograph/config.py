@@ -1,4 +1,4 @@
-"""Configuration of NeuroGraph (spec: shared/spec/neurograph.md): the graph, the signal
+"""Configuration of NeuroGraph (docs/neurograph.md): the graph, the signal
 tables, the dynamics, the readout and the learning rules, in one dataclass."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ class NeuroGraphConfig:
 
     Nodes ``0 .. n_input-1`` are the input nodes, the last ``n_output`` the output nodes and
     the rest hidden; every non-input node has ``fan_in`` static incoming edges from earlier
-    nodes (a DAG). Defaults are the spec's, except the choices it leaves open (``t_min``,
-    ``input_strength``, ``input_scale``, ``logit_scale``, ``hidden_credit``, the training
-    schedule), which are the measured ones of docs/neurograph.md.
+    nodes (a DAG). docs/neurograph.md gives the math behind every field; the defaults of
+    ``t_min``, ``input_strength``, ``input_scale``, ``logit_scale``, ``hidden_credit`` and the
+    training schedule are choices measured there ("Choices made here", "Results").
     """
 
     n: int = field(default=1000, metadata={"help": "number of nodes"})
