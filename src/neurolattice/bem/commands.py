@@ -15,14 +15,7 @@ import torch
 from neurolattice.config import sections_help
 from neurolattice.io import atomic_write_json
 from neurolattice.lm.model import continue_prompt
-from neurolattice.train import TrainConfig, resolve_checkpoint
-from neurolattice.train.options import (
-    add_run_arguments,
-    add_sampling_arguments,
-    check_run_arguments,
-    check_sampling,
-    train_run,
-)
+from neurolattice.train import TrainConfig, options, resolve_checkpoint
 
 from .attach import detach
 from .config import BEMConfig
@@ -46,12 +39,12 @@ class Train:
         parser.add_argument("--base", required=True, metavar="CKPT",
                             help="base LM: a run or step directory of `neurolattice lm train`")
         parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [bem], [data], [task], [train]")
-        add_run_arguments(parser, "runs/bem")
+        options.add_run_arguments(parser, "runs/bem")
         parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
-        check_run_arguments(args)
+        options.check_run_arguments(args)
         args.configs = build_configs(args.config, args.overrides)
         bem, data, task_cfg, _ = args.configs
         args.base = Base.load(args.base)
@@ -60,8 +53,8 @@ class Train:
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         bem, data, task_cfg, train = args.configs
-        record = train_run(args, lambda: BEMModel(args.base.model, bem), args.task, train,
-                           run_config(args.base, bem, data, task_cfg))
+        record = options.train_run(args, lambda: BEMModel(args.base.model, bem), args.task, train,
+                                   run_config(args.base, bem, data, task_cfg))
         if record is not None:  # the main process
             out = Path(args.out)
             if "eval_bpb" in record:
@@ -107,12 +100,12 @@ class Generate:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("ckpt", metavar="CKPT", help="BEM run directory or one of its step directories")
         parser.add_argument("--base", metavar="CKPT", help="base LM (default: the one the adapters were trained on)")
-        add_sampling_arguments(parser)
+        options.add_sampling_arguments(parser)
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
         _, args.base_run, args.model = load_run(args.ckpt, args.base)
-        check_sampling(args, args.base_run.seq_len)
+        options.check_sampling(args, args.base_run.seq_len)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:

@@ -17,14 +17,7 @@ import torch
 
 from neurolattice.config import sections_help
 from neurolattice.io import atomic_write_json
-from neurolattice.train import TrainConfig, distributed, resolve_checkpoint
-from neurolattice.train.options import (
-    add_run_arguments,
-    add_sampling_arguments,
-    check_run_arguments,
-    check_sampling,
-    train_run,
-)
+from neurolattice.train import TrainConfig, distributed, options, resolve_checkpoint
 
 from .config import PRESETS, DataConfig, LMConfig
 from .experiment import DEFAULTS, HELDOUT_FILES, build_configs, load_run, run_config
@@ -48,12 +41,12 @@ class Train:
         parser.add_argument("--data", metavar="DIR", help="folder of text files (default: the standard library)")
         parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default: tiny)")
         parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [model], [data], [train]")
-        add_run_arguments(parser, "runs/lm")
+        options.add_run_arguments(parser, "runs/lm")
         parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
-        check_run_arguments(args)
+        options.check_run_arguments(args)
         args.configs = build_configs(args.preset, args.data, args.config, args.overrides)
         lm, data, _ = args.configs
         args.task = LMTask(data.load(), lm)
@@ -61,8 +54,8 @@ class Train:
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         lm, data, train = args.configs
-        record = train_run(args, lambda: build_model(lm), args.task, train, run_config(lm, data),
-                           records={HELDOUT_FILES: args.task.data.heldout_files})
+        record = options.train_run(args, lambda: build_model(lm), args.task, train, run_config(lm, data),
+                                   records={HELDOUT_FILES: args.task.data.heldout_files})
         if record is not None:  # the main process
             out = Path(args.out)
             if "eval_bpb" in record:
@@ -107,12 +100,12 @@ class Sample:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("ckpt", metavar="CKPT", help="run directory or one of its step directories")
-        add_sampling_arguments(parser)
+        options.add_sampling_arguments(parser)
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
         args.lm, _, args.model = load_run(args.ckpt)
-        check_sampling(args, args.lm.seq_len)
+        options.check_sampling(args, args.lm.seq_len)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
