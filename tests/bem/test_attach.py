@@ -27,6 +27,7 @@ from neurolattice.config import config_from_dict
 from neurolattice.lm.model import cache_keyword, find_cache
 
 from ..bounds import float32_bound
+from ..errors import one_line_error
 from .tiny import MODELS, batch, confidence_zero, gpt2, llama, logit_terms, one_thread, randomize_adapters
 
 
@@ -279,9 +280,8 @@ def test_adapter_state_dict_round_trip_and_errors():
     assert torch.equal(logits(target, ids, mask), logits(source, ids, mask))
     missing = dict(tensors)
     missing.pop("model.layers.0.self_attn.q_proj.U")
-    with pytest.raises(ValueError, match="missing") as err:
+    with one_line_error("missing"):
         load_adapter_state_dict(target, missing)
-    assert "\n" not in str(err.value)
     bad = {**tensors, "model.layers.0.self_attn.q_proj.V": torch.zeros(3, 3)}
     with pytest.raises(ValueError, match=r"q_proj.V must be \[32, 4\], got \[3, 3\]"):
         load_adapter_state_dict(target, bad)
@@ -326,30 +326,39 @@ def test_regularizers_and_telemetry_match_direct_computation():
     assert telemetry(model)["code_norm_mean"] != telemetry(model)["code_norm_mean"]  # read resets: NaN
 
 
-def one_line_error(fn, match):
-    with pytest.raises(ValueError, match=match) as err:
-        fn()
-    assert "\n" not in str(err.value)
-
-
 def test_errors_are_one_line():
-    one_line_error(lambda: attach(llama(), BEMConfig(targets={"nope": "token"})), "no module of LlamaForCausalLM")
-    one_line_error(lambda: attach(attach(llama(), BEMConfig()), BEMConfig()), "already attached")
-    one_line_error(lambda: BEMConfig(rank=0), "rank must be a positive integer, got 0")
-    one_line_error(lambda: BEMConfig(level="layer"), "level must be one of")
-    one_line_error(lambda: BEMConfig(beta=1.0), r"beta must be a number in \[0, 1\)")
-    one_line_error(lambda: BEMConfig(max_norm=-1), "max_norm must be")
-    one_line_error(lambda: BEMConfig(sparse_threshold=float("nan")), "sparse_threshold must be")
-    one_line_error(lambda: BEMConfig(targets={"k_proj": "token"}), "k_proj.*not allowed")
-    one_line_error(lambda: BEMConfig(targets={"attn.c_attn": "token"}), "c_attn.*not allowed")
-    one_line_error(lambda: BEMConfig(targets={"q_proj": "sequence"}), "targets")
-    one_line_error(lambda: BEMConfig(route_layer=-1), "route_layer")
-    one_line_error(lambda: config_from_dict(BEMConfig, {"rank": 4, "rnak": 4}),
-                   r"unknown BEMConfig key\(s\) \[.rnak.\]")
-    one_line_error(lambda: attach(llama(), BEMConfig(route_layer=1)), "route_layer must be < 1")
-    one_line_error(lambda: attach(llama(), BEMConfig(targets={"embed_tokens": "prefix"})), "embed_tokens.*Embedding")
-    one_line_error(lambda: attach(llama(), {"rank": 4}), "config must be a BEMConfig")
-    one_line_error(lambda: detach(llama()), "no BEM attached")
+    with one_line_error("no module of LlamaForCausalLM"):
+        attach(llama(), BEMConfig(targets={"nope": "token"}))
+    with one_line_error("already attached"):
+        attach(attach(llama(), BEMConfig()), BEMConfig())
+    with one_line_error("rank must be a positive integer, got 0"):
+        BEMConfig(rank=0)
+    with one_line_error("level must be one of"):
+        BEMConfig(level="layer")
+    with one_line_error(r"beta must be a number in \[0, 1\)"):
+        BEMConfig(beta=1.0)
+    with one_line_error("max_norm must be"):
+        BEMConfig(max_norm=-1)
+    with one_line_error("sparse_threshold must be"):
+        BEMConfig(sparse_threshold=float("nan"))
+    with one_line_error("k_proj.*not allowed"):
+        BEMConfig(targets={"k_proj": "token"})
+    with one_line_error("c_attn.*not allowed"):
+        BEMConfig(targets={"attn.c_attn": "token"})
+    with one_line_error("targets"):
+        BEMConfig(targets={"q_proj": "sequence"})
+    with one_line_error("route_layer"):
+        BEMConfig(route_layer=-1)
+    with one_line_error(r"unknown BEMConfig key\(s\) \[.rnak.\]"):
+        config_from_dict(BEMConfig, {"rank": 4, "rnak": 4})
+    with one_line_error("route_layer must be < 1"):
+        attach(llama(), BEMConfig(route_layer=1))
+    with one_line_error("embed_tokens.*Embedding"):
+        attach(llama(), BEMConfig(targets={"embed_tokens": "prefix"}))
+    with one_line_error("config must be a BEMConfig"):
+        attach(llama(), {"rank": 4})
+    with one_line_error("no BEM attached"):
+        detach(llama())
 
 
 def test_cache_that_the_controller_did_not_route_is_refused():
@@ -358,17 +367,17 @@ def test_cache_that_the_controller_did_not_route_is_refused():
     step = torch.cat([mask, mask[:, :1]], 1)
     foreign = DynamicCache()  # filled by the same weights without BEM
     llama()(input_ids=ids, attention_mask=mask, **cached(foreign))
-    one_line_error(lambda: model(input_ids=ids[:, :1], attention_mask=step, **cached(foreign)),
-                   "KV cache holds 12 positions that this BEM controller did not route")
+    with one_line_error("KV cache holds 12 positions that this BEM controller did not route"):
+        model(input_ids=ids[:, :1], attention_mask=step, **cached(foreign))
     other = DynamicCache()  # routed by another controller (a copy of this model)
     copy.deepcopy(model)(input_ids=ids, attention_mask=mask, **cached(other))
-    one_line_error(lambda: model(input_ids=ids[:, :1], attention_mask=step, **cached(other)),
-                   "KV cache holds 12 positions that this BEM controller did not route")
+    with one_line_error("KV cache holds 12 positions that this BEM controller did not route"):
+        model(input_ids=ids[:, :1], attention_mask=step, **cached(other))
     cropped = DynamicCache()
     model(input_ids=ids, attention_mask=mask, **cached(cropped))
     cropped.crop(-4)  # drop the last 4 positions
-    one_line_error(lambda: model(input_ids=ids[:, :1], attention_mask=step[:, :9], **cached(cropped)),
-                   "KV cache holds 8 positions but BEM routing of this cache has seen 12")
+    with one_line_error("KV cache holds 8 positions but BEM routing of this cache has seen 12"):
+        model(input_ids=ids[:, :1], attention_mask=step[:, :9], **cached(cropped))
 
 
 def test_routing_state_stays_with_its_cache():

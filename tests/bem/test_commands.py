@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from neurolattice.cli import main
 
-from ..cli_errors import one_line_error as error
+from ..errors import cli_error as error
 
 LM_SOURCES = Path(__file__).parents[2] / "src" / "neurolattice" / "lm"
 TINY_LM = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_size=64", "model.seq_len=64",

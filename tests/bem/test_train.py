@@ -15,19 +15,13 @@ from neurolattice.bem.data import DomainData
 from neurolattice.bem.layer import BEMLinear
 from neurolattice.bem.peers import lora_weights, static_lora
 from neurolattice.bem.train import BEMModel, BEMTask, TaskConfig, base_fingerprint, imitation_loss, stack_experts
-from neurolattice.lm.config import LMConfig
 from neurolattice.lm.data import PackedDataset
-from neurolattice.lm.model import build_model
 from neurolattice.train import TrainConfig, Trainer
 
 from ..bounds import float32_bound
+from .tiny import lm_system
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_lm(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_model(LMConfig.preset("tiny", d_model=32, n_layers=2, n_heads=2, ffn_size=64, seq_len=64))
 
 
 def tiny_data(rows: int = 8, seq: int = 16) -> DomainData:
@@ -50,7 +44,7 @@ def randomize(model: BEMModel) -> None:
 def test_loss_is_cross_entropy_plus_weighted_regularizers():
     data = tiny_data()
     bem = BEMConfig(rank=4, level="chunk", chunk_size=4, prefix_len=8, code_norm_weight=0.3, entropy_weight=0.2)
-    model = BEMModel(tiny_lm(), bem)
+    model = BEMModel(lm_system(), bem)
     randomize(model)
     task = BEMTask(data, bem)
     batch = data.train[torch.arange(4)]
@@ -66,7 +60,7 @@ def test_loss_is_cross_entropy_plus_weighted_regularizers():
 
 def test_attached_model_at_step_zero_has_the_base_loss():
     data = tiny_data()
-    base = tiny_lm()
+    base = lm_system()
     bem = BEMConfig(rank=4, code_norm_weight=0.0, entropy_weight=0.0)
     batch = data.train[torch.arange(4)]
     want = BEMTask(data).loss_sum(copy.deepcopy(base), batch)
@@ -93,7 +87,7 @@ def saved_for_backward(fn):
 def test_grad_checkpointing_lowers_activation_memory_and_keeps_loss_and_gradients():
     data = tiny_data()
     bem = BEMConfig(rank=4, level="chunk", chunk_size=4, prefix_len=8)
-    model = BEMModel(tiny_lm(), bem).train()
+    model = BEMModel(lm_system(), bem).train()
     randomize(model)
     task, batch = BEMTask(data, bem), data.train[torch.arange(4)]
     results = {}
@@ -116,7 +110,7 @@ def test_grad_checkpointing_lowers_activation_memory_and_keeps_loss_and_gradient
 def test_training_moves_only_adapters_and_controller_at_their_learning_rates():
     data = tiny_data()
     bem = BEMConfig(rank=4)
-    model = BEMModel(tiny_lm(), bem)
+    model = BEMModel(lm_system(), bem)
     before = {k: v.clone() for k, v in model.lm.state_dict().items()}
     task = BEMTask(data, bem, TaskConfig(controller_lr_scale=5.0))
     trainer = Trainer(model, task, TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=0, log_every=1))
@@ -137,12 +131,12 @@ def test_training_moves_only_adapters_and_controller_at_their_learning_rates():
 
 def test_state_dict_is_the_bem_tensors_and_round_trips():
     data = tiny_data()
-    model = BEMModel(tiny_lm(), BEMConfig(rank=4, level="prefix", prefix_len=4))
+    model = BEMModel(lm_system(), BEMConfig(rank=4, level="prefix", prefix_len=4))
     randomize(model)
     sd = model.state_dict()
     assert sd.keys() == {k for k in model.lm.state_dict() if k.startswith("bem_controller.")
                          or k.endswith((".U", ".V"))}
-    other = BEMModel(tiny_lm(), BEMConfig(rank=4, level="prefix", prefix_len=4))
+    other = BEMModel(lm_system(), BEMConfig(rank=4, level="prefix", prefix_len=4))
     other.load_state_dict({k: v.clone() for k, v in sd.items()})
     x = data.train[torch.arange(2)][0]
     torch.testing.assert_close(other(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
@@ -151,12 +145,12 @@ def test_state_dict_is_the_bem_tensors_and_round_trips():
 
 
 def test_fingerprint_tells_base_models_apart():
-    assert base_fingerprint(tiny_lm(0)) == base_fingerprint(tiny_lm(0))
-    assert base_fingerprint(tiny_lm(0)) != base_fingerprint(tiny_lm(1))
+    assert base_fingerprint(lm_system(0)) == base_fingerprint(lm_system(0))
+    assert base_fingerprint(lm_system(0)) != base_fingerprint(lm_system(1))
 
 
 def test_stacked_experts_reproduce_each_lora_with_its_target_code():
-    base = tiny_lm()
+    base = lm_system()
     experts = []
     for e in range(2):
         torch.manual_seed(10 + e)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from neurolattice.cli import main
 
-from ..cli_errors import one_line_error as error
+from ..errors import cli_error as error
 
 LM_SOURCES = Path(__file__).parents[2] / "src" / "neurolattice" / "lm"
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_size=64", "data.seq_len=32",

@@ -19,19 +19,7 @@ from neurolattice.lm import (
 )
 from neurolattice.lm.data import EXCLUDED_DIRS
 
-
-def one_line_error(match: str):
-    class Check:
-        def __enter__(self):
-            self.ctx = pytest.raises(ValueError, match=match)
-            self.info = self.ctx.__enter__()
-
-        def __exit__(self, *exc):
-            out = self.ctx.__exit__(*exc)
-            assert "\n" not in str(self.info.value)
-            return out
-
-    return Check()
+from ..errors import one_line_error
 
 
 def test_tokenizer_round_trip_non_ascii():

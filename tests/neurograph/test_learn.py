@@ -20,6 +20,7 @@ from neurolattice.neurograph.learn import (
 )
 from neurolattice.neurograph.reference import SignalCache, reference_propagate
 
+from ..errors import one_line_error
 from .conftest import features, make_net, small_config
 
 
@@ -63,13 +64,26 @@ def test_reference_cache_never_stale():
 
 
 def test_loss_terms_hidden_credit():
-    config = small_config(hidden_credit=0.0)
-    net = make_net(config)
-    run = propagate(net, net.project(features(3)), grad=True)
+    """The hidden term against a hand computation: minus the mean, over the hidden nodes that
+    fired, of the cosine between the node's signal s = cos(2 pi p / N) exp(sin(2 pi a / M - pi))
+    and its sample's class code; the loss adds it at weight ``hidden_credit``."""
     y = torch.tensor([0, 1, 2])
-    loss, ce, hidden = loss_terms(net, run, y)
-    assert torch.equal(loss, ce) and -1 <= hidden.item() <= 1
-    assert len(run.hidden_sample) > 0
+    for weight in (0.0, 0.7):
+        net = make_net(small_config(hidden_credit=weight))
+        run = propagate(net, net.project(features(3)), grad=True)
+        loss, ce, hidden = loss_terms(net, run, y)
+        assert len(run.hidden_sample) > 0
+        c = net.config
+        cosines = []
+        for p, a, sample in zip(run.hidden_P.tolist(), run.hidden_A.tolist(), run.hidden_sample.tolist()):
+            sig = [math.cos(2 * math.pi * pd / c.N) * math.exp(math.sin(2 * math.pi * ad / c.M - math.pi))
+                   for pd, ad in zip(p, a)]
+            code = net.codes[y[sample]].tolist()
+            dot = sum(si * ci for si, ci in zip(sig, code))
+            cosines.append(dot / (math.sqrt(sum(si * si for si in sig)) * math.sqrt(sum(ci * ci for ci in code))))
+        want = -sum(cosines) / len(cosines)
+        assert abs(hidden.item() - want) <= 1e-12  # float64
+        assert abs(loss.item() - (ce.item() + weight * want)) <= 1e-12
 
 
 def test_training_fits_a_small_problem():
@@ -166,6 +180,6 @@ def test_fit_without_validation_is_plain_training():
     (dict(restarts=0), "restarts must be >= 1"),
 ])
 def test_selection_config_errors(kwargs, words):
-    with pytest.raises(ValueError) as excinfo:
+    with one_line_error() as excinfo:
         _fit_config(**kwargs)
-    assert words in str(excinfo.value) and "\n" not in str(excinfo.value)
+    assert words in str(excinfo.value)
