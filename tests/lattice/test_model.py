@@ -11,9 +11,16 @@ from neurolattice.data import load_npz
 from neurolattice.lattice import LatticeConfig
 from neurolattice.lattice.model import LatticeModel, LatticeModelConfig
 from neurolattice.lattice.tasks import LatticeTask
-from neurolattice.train import TrainConfig, Trainer, load_checkpoint, save_checkpoint, seed_everything
+from neurolattice.train import (
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
 
-from ..errors import one_line_error
+from ..errors import cli_error, one_line_error
 from ..npz import write_npz
 
 TINY = LatticeConfig(dims=(4, 3, 2), state_size=4, hidden_local=3, hidden_functional=3, hidden_distant=3,
@@ -144,6 +151,34 @@ def test_cli_train_eval_show(tmp_path, capsys):
     for name in ("training_curves", "gate_usage", "state_norms", "metric_by_steps"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     assert "95% CI" in capsys.readouterr().out
+
+
+def test_cli_max_minutes_stops_with_a_checkpoint_and_resume_finishes_the_run(tmp_path, capsys):
+    """``--max-minutes 0`` stops the model and its T = 0 baseline at their first logging step;
+    ``--resume`` ends both where an uninterrupted run ends (the same held-out figures)."""
+    rng = np.random.default_rng(0)
+    y = np.arange(48) % 3
+    data = write_npz(tmp_path / "d.npz", x=rng.normal(size=(48, 4, 3)) + y[:, None, None], y=y)
+    run = [*TINY_RUN, "train.log_every=1"]
+
+    def train(out, *flags):
+        seed_everything(0)
+        assert main(["lattice", "train", "--data", data, "--out", str(tmp_path / out),
+                     "--json", str(tmp_path / f"{out}.json"), *flags, *run]) == 0
+        return json.loads((tmp_path / f"{out}.json").read_text())
+
+    train("stopped", "--max-minutes", "0")
+    assert "stopped at step 1 of 4: --max-minutes 0.0 ran out" in capsys.readouterr().out
+    assert resolve_checkpoint(tmp_path / "stopped").name == "step-00000001"
+    assert resolve_checkpoint(tmp_path / "stopped" / "T0").name == "step-00000001"
+    assert "already holds a run" in cli_error(capsys, ["lattice", "train", "--data", data,
+                                                      "--out", str(tmp_path / "stopped"), *run])
+    assert "holds no run to continue" in cli_error(capsys, ["lattice", "train", "--data", data,
+                                                           "--out", str(tmp_path / "empty"), "--resume", *run])
+    resumed, straight = train("stopped", "--resume"), train("straight")
+    assert "stopped at step" not in capsys.readouterr().out
+    assert resolve_checkpoint(tmp_path / "stopped").name == "step-00000004"
+    assert {k: resumed[k] for k in ("accuracy", "accuracy_T0")} == {k: straight[k] for k in ("accuracy", "accuracy_T0")}
 
 
 def test_cli_regression(tmp_path, capsys):

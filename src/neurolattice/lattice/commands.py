@@ -12,7 +12,7 @@ from pathlib import Path
 
 from neurolattice.config import sections_help
 from neurolattice.io import atomic_write_json
-from neurolattice.train import TrainConfig, resolve_checkpoint
+from neurolattice.train import TrainConfig, options, resolve_checkpoint
 
 from . import experiment
 from .config import LatticeConfig
@@ -49,16 +49,14 @@ class Train:
         source.add_argument("--task", choices=["digits"], help="built-in dataset (default: digits)")
         source.add_argument("--data", metavar="FILE.npz", help="a .npz file with arrays x and y")
         parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [model], [lattice], [train]")
-        parser.add_argument("--out", default="runs/lattice", help="run directory (default: %(default)s)")
-        parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+        options.add_run_arguments(parser, "runs/lattice")
         _json_arg(parser)
         parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
 
     @staticmethod
     def check(args: argparse.Namespace) -> None:
+        options.check_run_arguments(args)
         args.experiment = experiment.build_experiment(args.data, args.config, args.overrides)
-        if not args.resume and (Path(args.out) / "latest").exists():
-            raise ValueError(f"{args.out} already holds a run: pass --resume, or choose another --out")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
@@ -66,7 +64,9 @@ class Train:
         warning = scale_warning(exp.data)
         if warning:
             print(warning, file=sys.stderr)
-        result = experiment.train(exp, args.out, resume=args.resume)
+        result, reached = experiment.train(exp, args.out, resume=args.resume, deadline=options.deadline(args))
+        if reached < exp.train.steps:
+            print(f"stopped at step {reached} of {exp.train.steps}: --max-minutes {args.max_minutes} ran out")
         _report(exp, result, args.json)
         print(f"checkpoint: {resolve_checkpoint(args.out)}   (T = 0 baseline: {Path(args.out) / 'T0'})")
         print(f"plots: neurolattice lattice show {args.out}")

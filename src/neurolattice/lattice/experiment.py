@@ -79,10 +79,14 @@ def _run_config(exp: Experiment, model: LatticeModelConfig) -> dict[str, Any]:
     return {"model": model.to_dict(), "data": exp.data_spec}
 
 
-def train(exp: Experiment, out: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train the model and its ``T = 0`` baseline into ``out``; return :func:`summarize`'s result."""
+def train(exp: Experiment, out: str | Path, resume: bool = False, progress: bool = True,
+          deadline: float | None = None) -> tuple[dict[str, Any], int]:
+    """Train the model and its ``T = 0`` baseline into ``out`` (``resume``: continue each from its
+    checkpoint there); with ``deadline`` (a ``time.monotonic()`` time) each stops, with a
+    checkpoint, at its first logging step past it. Returns :func:`summarize`'s result and the
+    optimizer steps the model (not the baseline) has reached."""
     out = Path(out)
-    models = []
+    models, reached = [], 0
     for model_cfg, run_dir in ((exp.model, out), (dataclasses.replace(exp.model, steps=0), out / "T0")):
         seed_everything(exp.train.seed)
         model = LatticeModel(model_cfg)
@@ -90,9 +94,10 @@ def train(exp: Experiment, out: str | Path, resume: bool = False, progress: bool
                           model_config=_run_config(exp, model_cfg))
         if resume and (run_dir / "latest").exists():
             trainer.resume()
-        trainer.fit(progress=progress)
+        trainer.fit(progress=progress, deadline=deadline)
         models.append(model.eval())
-    return summarize(exp.data, *models)
+        reached = reached or trainer.step
+    return summarize(exp.data, *models), reached
 
 
 def load_run(path: str | Path) -> tuple[Experiment, LatticeModel, LatticeModel | None]:

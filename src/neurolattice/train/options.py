@@ -1,6 +1,6 @@
-"""The command line the LM and BEM commands share: the options of a training run (the run
-directory, a time budget, resuming) and training with them (:func:`train_run`), and the options
-of continuing a prompt."""
+"""The command line the training commands share: the options of a training run (the run
+directory, a time budget, resuming; every system's ``train``), training with them on one model
+(:func:`train_run`, the LM and BEM), and the options of continuing a prompt."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ def check_run_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.out} already holds a run: pass --resume, or choose another --out")
 
 
+def deadline(args: argparse.Namespace) -> float | None:
+    """The ``time.monotonic()`` at which ``--max-minutes`` runs out (None: no budget)."""
+    return None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+
+
 def train_run(args: argparse.Namespace, build: Callable[[], nn.Module], task: Task, train: TrainConfig,
               model_config: dict[str, Any], records: dict[str, Any] | None = None) -> dict[str, float] | None:
     """Train the model ``build()`` makes (after seeding with ``train.seed``) on ``task`` into
@@ -58,7 +63,7 @@ def train_run(args: argparse.Namespace, build: Callable[[], nn.Module], task: Ta
 
 def _train(args: argparse.Namespace, build: Callable[[], nn.Module], task: Task, train: TrainConfig,
            model_config: dict[str, Any], records: dict[str, Any], device: torch.device) -> dict[str, float] | None:
-    stop_at = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+    stop_at = deadline(args)
     out = Path(args.out)
     seed_everything(train.seed)
     model = build().to(device)
