@@ -86,7 +86,7 @@ def train(exp: Experiment, out: str | Path, resume: bool = False, progress: bool
     checkpoint, at its first logging step past it. Returns :func:`summarize`'s result and the
     optimizer steps the model (not the baseline) has reached."""
     out = Path(out)
-    models, reached = [], 0
+    models, reached = [], []
     for model_cfg, run_dir in ((exp.model, out), (dataclasses.replace(exp.model, steps=0), out / "T0")):
         seed_everything(exp.train.seed)
         model = LatticeModel(model_cfg)
@@ -96,8 +96,8 @@ def train(exp: Experiment, out: str | Path, resume: bool = False, progress: bool
             trainer.resume()
         trainer.fit(progress=progress, deadline=deadline)
         models.append(model.eval())
-        reached = reached or trainer.step
-    return summarize(exp.data, *models), reached
+        reached.append(trainer.step)
+    return summarize(exp.data, *models), reached[0]
 
 
 def load_run(path: str | Path) -> tuple[Experiment, LatticeModel, LatticeModel | None]:
