@@ -150,8 +150,20 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     assert max_diff(resumed.model, full.model) > 1e-3
     resumed.fit(progress=False)
     assert max_diff(resumed.model, full.model) <= 1e-6
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 8))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 8))
+    # TensorBoard's reader drops what the crashed run logged after step 3 (steps 4, before the
+    # crash at step 5), so it sees each step once, with the losses of metrics.jsonl
+    assert tensorboard_scalars(run, "loss") == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in lines]
+
+
+def tensorboard_scalars(run_dir, tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every ``tag`` scalar the event files in ``run_dir`` hold (float32)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def test_metrics_log_has_loss_lr_throughput_and_eval(tmp_path):
@@ -163,6 +175,10 @@ def test_metrics_log_has_loss_lr_throughput_and_eval(tmp_path):
     assert set(lines[1]) == {"step", "eval_accuracy"}
     assert lines[0]["lr"] == pytest.approx(0.05)  # step 2 ran at the end of warmup
     assert record == lines[-1] and "eval_accuracy" in record and record["loss"] > 0
+    # the event files hold the same records (as float32: rel 1e-6 is ~8 of its ulps)
+    for tag in ("loss", "eval_accuracy"):
+        assert tensorboard_scalars(tmp_path, tag) == [(r["step"], pytest.approx(r[tag], rel=1e-6))
+                                                      for r in lines if tag in r]
 
 
 def test_deadline_stops_at_the_next_logging_step_with_a_checkpoint(tmp_path):

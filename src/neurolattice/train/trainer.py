@@ -1,5 +1,6 @@
 """The shared trainer: exact micro-batch accumulation, AdamW with warmup + cosine, clipping,
-resumable data order, periodic evaluation, JSONL metrics and atomic checkpoints.
+resumable data order, periodic evaluation, metrics (``metrics.jsonl`` and TensorBoard event
+files in the run directory) and atomic checkpoints.
 
 Every gradient-trained system (the lattice model, the LM, BEM adapters) plugs in through a
 :class:`Task`; the loop below is the only training loop in the library.
@@ -270,6 +271,12 @@ class Trainer:
         out_dir: where checkpoints and ``metrics.jsonl`` go (rank 0 writes); None: nowhere.
         model_config: the system's config dict (model and task), saved in ``run_config.json`` under
             ``"model"`` and checked when resuming.
+        name: what the progress bar calls the run (``train`` by default).
+
+    Every logged record goes to ``out_dir/metrics.jsonl`` (one JSON object per line) and, as
+    scalars at its ``step``, to TensorBoard event files in ``out_dir``
+    (``tensorboard --logdir RUN``); a resumed run drops what was logged after its checkpoint
+    from both.
     """
 
     def __init__(
@@ -279,10 +286,13 @@ class Trainer:
         cfg: TrainConfig,
         out_dir: str | os.PathLike | None = None,
         model_config: dict[str, Any] | None = None,
+        name: str = "train",
     ) -> None:
         self.model, self.task, self.cfg = model, task, cfg
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.model_config = dict(model_config or {})
+        self.name = name
+        self._events: Any = None  # the TensorBoard writer, opened at the first log
         self.device = next(model.parameters()).device
         world = distributed.world_size()
         if cfg.batch_size % world:
@@ -300,6 +310,7 @@ class Trainer:
         self.sampler = EpochSampler(len(task.train_data), cfg.seed)
         self.step = 0
         self._saved_step = -1
+        self._resumed_from: int | None = None
 
     def config(self) -> dict[str, Any]:
         return {"model": self.model_config, "train": self.cfg.to_dict()}
@@ -349,7 +360,7 @@ class Trainer:
         cfg = self.cfg
         end = cfg.steps if until is None else min(until, cfg.steps)
         self.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, dynamic_ncols=True,
                    disable=not (progress and distributed.is_main()))
         loss_sum = torch.zeros((), device=self.device)
         targets = torch.zeros((), dtype=torch.long, device=self.device)
@@ -384,6 +395,9 @@ class Trainer:
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
                 self.save()
         bar.close()
+        if self._events is not None:
+            self._events.close()
+            self._events = None
         return last
 
     def _past(self, deadline: float) -> bool:
@@ -395,6 +409,15 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self._events is None:
+                from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: ~2 s
+
+                # purge_step: a resumed run's readers drop the events logged after its checkpoint
+                self._events = SummaryWriter(str(self.out_dir), purge_step=self._resumed_from)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._events.add_scalar(key, value, record["step"])
+            self._events.flush()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
@@ -431,6 +454,7 @@ class Trainer:
         if distributed.rank() < len(state["rng"]):
             _set_rng_state(state["rng"][distributed.rank()])
         self.step = self._saved_step = state["step"]
+        self._resumed_from = self.step + 1
         metrics = None if self.out_dir is None else self.out_dir / METRICS
         if metrics is not None and metrics.exists() and distributed.is_main():
             # drop what the stopped run logged after this checkpoint (and a line cut by a crash)
