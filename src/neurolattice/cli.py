@@ -1,8 +1,9 @@
 """Command line: ``neurolattice SYSTEM COMMAND [options]``, e.g. ``neurolattice lattice bench``.
 
 Each system is a subparser and each of its commands a subparser under it, defined by a
-module with ``HELP`` (one line), ``add_arguments(parser)``, ``check(args)`` (a one-line
-``ValueError`` for bad input) and ``run(args) -> int``. Adding a command or a system is one
+module or class with ``HELP`` (one line), ``add_arguments(parser)``, ``check(args)`` (a one-line
+``ValueError`` for bad input; returns what the command needs, prepared) and
+``run(args, prepared) -> int`` (see :mod:`neurolattice.cmdline`). Adding a command or a system is one
 entry in :data:`SYSTEMS`. Bad input exits with status 2 and that one line after the usage.
 """
 
@@ -70,10 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     system = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(system).parse_args(argv)
     try:
-        args.command_module.check(args)
+        prepared = args.command_module.check(args)
     except ValueError as err:
         args.command_parser.error(str(err))   # prints the usage and the message, exits with 2
-    return args.command_module.run(args)
+    return args.command_module.run(args, prepared)
 
 
 if __name__ == "__main__":

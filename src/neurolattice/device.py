@@ -55,11 +55,20 @@ def check_arguments(args: argparse.Namespace) -> torch.device:
     return check_device(args.device)
 
 
-def use(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads``, print where the command computes (one line) and return the device."""
+def setup(args: argparse.Namespace) -> torch.device:
+    """Check ``--device`` and ``--threads``, apply ``--threads`` (and make ``cuda:N`` the current
+    GPU) and return the device."""
     device = check_arguments(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
+def use(args: argparse.Namespace) -> torch.device:
+    """:func:`setup`, then print where the command computes (one line); returns the device."""
+    device = setup(args)
     print(f"device: {describe(device)}", flush=True)
     return device
 

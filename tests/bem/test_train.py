@@ -129,19 +129,20 @@ def test_training_moves_only_adapters_and_controller_at_their_learning_rates():
     assert all(not torch.equal(after[k], before[k]) for k in bem_names if k.endswith(".U"))
 
 
-def test_state_dict_is_the_bem_tensors_and_round_trips():
+def test_checkpoint_state_dict_is_the_bem_tensors_and_round_trips():
     data = tiny_data()
     model = BEMModel(lm_system(), BEMConfig(rank=4, level="prefix", prefix_len=4))
     randomize(model)
-    sd = model.state_dict()
+    sd = model.checkpoint_state_dict()
     assert sd.keys() == {k for k in model.lm.state_dict() if k.startswith("bem_controller.")
                          or k.endswith((".U", ".V"))}
+    assert set(model.state_dict()) == {f"lm.{k}" for k in model.lm.state_dict()}  # a module's, whole
     other = BEMModel(lm_system(), BEMConfig(rank=4, level="prefix", prefix_len=4))
-    other.load_state_dict({k: v.clone() for k, v in sd.items()})
+    other.load_checkpoint_state_dict({k: v.clone() for k, v in sd.items()})
     x = data.train[torch.arange(2)][0]
     torch.testing.assert_close(other(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="U"):
-        other.load_state_dict({k: v for k, v in sd.items() if not k.endswith(".U")})
+        other.load_checkpoint_state_dict({k: v for k, v in sd.items() if not k.endswith(".U")})
 
 
 def test_fingerprint_tells_base_models_apart():

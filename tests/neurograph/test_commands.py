@@ -8,7 +8,7 @@ import torch
 
 from neurolattice import cli
 from neurolattice.neurograph import NeuroGraphConfig
-from neurolattice.neurograph.commands import load_run
+from neurolattice.neurograph.task import load_run
 
 from ..errors import cli_error, one_line_error
 from ..npz import write_npz
@@ -61,7 +61,7 @@ def test_choices_never_read_the_held_out_split(tmp_path, monkeypatch):
         out, path = tmp_path / f"run{int(scramble)}", tmp_path / f"run{int(scramble)}.json"
         assert cli.main(["neurograph", "train", "--data", data_path, "--out", str(out), "--json", str(path),
                          *args]) == 0
-        runs.append((json.loads(path.read_text()), load_run(str(out), data_path)[0]))
+        runs.append((json.loads(path.read_text()), load_run(str(out), data_path).model))
     (first, net), (second, other) = runs
     for key in ("chosen_seed", "restarts", "best_epoch", "validation_accuracy"):
         assert first[key] == second[key], key

@@ -8,9 +8,13 @@
 * ``prose``: the CPython documentation's language-reference text that ships with the
   interpreter, ``pydoc_data.topics.topics`` (one document per topic), split by topic.
 
+Or the user's own domains (``bem train --data NAME=DIR ...``, ``data.folders``): each is the
+text files of a folder (:func:`~neurolattice.lm.data.list_text_files`), split by file with
+``heldout_fraction`` and ``seed``.
+
 Each domain is packed into rows of its own (:func:`~neurolattice.lm.data.pack`), so a row is
-all Python or all prose and the routing can tell them apart; the training set takes the same
-number of rows from each (a balanced mix).
+all one domain and the routing can tell them apart; the training set takes the same number of
+rows from each (a balanced mix).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,6 +31,7 @@ from neurolattice.lm.data import (
     PackedDataset,
     cap_documents,
     default_corpus_files,
+    list_text_files,
     pack,
     read_document,
     split_files,
@@ -43,9 +49,19 @@ class DomainDataConfig:
     train_bytes: int = field(default=400_000, metadata={"help": "training text per domain, in bytes"})
     heldout_bytes: int = field(default=40_000, metadata={"help": "held-out text per domain, in bytes"})
     prose_heldout_fraction: float = field(default=0.15, metadata={"help": "fraction of the topics held out"})
-    seed: int = field(default=0, metadata={"help": "seed of the topic split (the file split is the base's)"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the topic split and of a folder's split (the Python file split is the base's)"})
+    folders: dict[str, str] | None = field(default=None, metadata={
+        "help": "the domains as {name = folder of text files} (--data NAME=DIR; default: python and prose)"})
+    heldout_fraction: float = field(default=0.15, metadata={"help": "fraction of a folder's files held out"})
 
     def __post_init__(self) -> None:
+        if self.folders is not None:
+            if not isinstance(self.folders, dict) or len(self.folders) < 2:
+                raise ValueError(f"folders must name two or more domains {{name: folder}}, got {self.folders!r}")
+            self.folders = {str(k): str(Path(v).resolve()) for k, v in self.folders.items()}
+        if not isinstance(self.heldout_fraction, (int, float)) or not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
         for name in ("train_bytes", "heldout_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -56,11 +72,15 @@ class DomainDataConfig:
 
 @dataclass
 class DomainData:
-    """Training rows (both domains, balanced) and held-out rows per domain."""
+    """Training rows (every domain, balanced) and held-out rows per domain."""
 
     train: PackedDataset
-    train_domain: torch.Tensor  # [n] index into DOMAINS of each training row
+    train_domain: torch.Tensor  # [n] index into domains of each training row
     heldout: dict[str, PackedDataset]
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return tuple(self.heldout)
 
     @property
     def seq_len(self) -> int:
@@ -85,11 +105,25 @@ def domain_documents(base_heldout_fraction: float, base_seed: int, prose_heldout
                       (topics[n].encode("utf-8") for n in names if n in held))}
 
 
+def folder_documents(folders: dict[str, str], heldout_fraction: float, seed: int
+                     ) -> dict[str, tuple[Iterator[bytes], Iterator[bytes]]]:
+    """``{name: (train documents, held-out documents)}`` of the user's domain folders, each split
+    by file; a folder without text files is a one-line ``ValueError``."""
+    docs = {}
+    for name, folder in folders.items():
+        train, held = split_files(list_text_files(folder), heldout_fraction, seed)
+        docs[name] = ((read_document(f) for f in train), (read_document(f) for f in held))
+    return docs
+
+
 def load_domain_data(cfg: DomainDataConfig, seq_len: int, base_heldout_fraction: float = 0.1,
                      base_seed: int = 0) -> DomainData:
-    """Read, split and pack both domains (see the module docstring)."""
+    """Read, split and pack the domains (see the module docstring)."""
     tokenizer = ByteTokenizer()
-    docs = domain_documents(base_heldout_fraction, base_seed, cfg.prose_heldout_fraction, cfg.seed)
+    if cfg.folders is None:
+        docs = domain_documents(base_heldout_fraction, base_seed, cfg.prose_heldout_fraction, cfg.seed)
+    else:
+        docs = folder_documents(cfg.folders, cfg.heldout_fraction, cfg.seed)
     rows, heldout = {}, {}
     for domain, (train_docs, held_docs) in docs.items():
         rows[domain] = pack(cap_documents(train_docs, cfg.train_bytes), seq_len, tokenizer)
@@ -98,6 +132,6 @@ def load_domain_data(cfg: DomainDataConfig, seq_len: int, base_heldout_fraction:
         if len(rows[domain]) == 0 or len(heldout[domain]) == 0:
             raise ValueError(f"domain {domain!r} has less than one row of seq_len + 1 = {seq_len + 1} tokens")
     n = min(len(r) for r in rows.values())
-    train = torch.cat([rows[d][:n] for d in DOMAINS])
-    domain = torch.arange(len(DOMAINS)).repeat_interleave(n)
+    train = torch.cat([r[:n] for r in rows.values()])
+    domain = torch.arange(len(rows)).repeat_interleave(n)
     return DomainData(PackedDataset(train), domain, heldout)

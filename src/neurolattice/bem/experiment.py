@@ -17,7 +17,7 @@ import torch
 
 from neurolattice.config import config_from_dict, config_to_dict, layered_config
 from neurolattice.lm.experiment import load_run as load_lm_run
-from neurolattice.train import TrainConfig, load_checkpoint, read_config, resolve_checkpoint
+from neurolattice.train import SavedRun, TrainConfig, load_checkpoint, read_run_config
 
 from .config import BEMConfig
 from .data import DomainData, DomainDataConfig, load_domain_data
@@ -45,24 +45,47 @@ class Base:
 
     @classmethod
     def load(cls, path: str | Path) -> Base:
-        lm, data, model = load_lm_run(path)
-        return cls(str(resolve_checkpoint(path).resolve()), base_fingerprint(model), model, lm.seq_len,
-                   lm.eod_id, data.heldout_fraction, data.seed)
+        run = load_lm_run(path)
+        return cls(str(run.checkpoint.resolve()), base_fingerprint(run.model), run.model, run.lm.seq_len,
+                   run.lm.eod_id, run.data.heldout_fraction, run.data.seed)
 
     def record(self) -> dict[str, Any]:
         return {"path": self.path, "fingerprint": self.fingerprint}
 
     def domains(self, data: DomainDataConfig) -> DomainData:
-        """The two domains in rows of ``data.seq_len`` tokens (default: the base's positions), the
-        Python files split as the base's corpus was (its held-out fraction and seed)."""
+        """The domains in rows of ``data.seq_len`` tokens (default: the base's positions); the
+        built-in Python files split as the base's corpus was (its held-out fraction and seed)."""
         return load_domain_data(data, data.seq_len or self.seq_len, self.heldout_fraction, self.seed)
 
 
-def build_configs(config_file: str | None = None, overrides: list[str] = ()
+@dataclass
+class Experiment:
+    """What a training run is made of: the base, the configs and the task (its data, loaded)."""
+
+    base: Base
+    bem: BEMConfig
+    data: DomainDataConfig
+    task_config: TaskConfig
+    train: TrainConfig
+    task: BEMTask
+
+
+def build_experiment(base_path: str | Path, config_file: str | None = None, overrides: list[str] = (),
+                     folders: dict[str, str] | None = None) -> Experiment:
+    """The base LM at ``base_path``, :func:`build_configs` (``folders``: ``data.folders``, the
+    user's domains) and the task on their data."""
+    bem, data, task_cfg, train = build_configs(config_file, overrides, folders)
+    base = Base.load(base_path)
+    return Experiment(base, bem, data, task_cfg, train, build_task(base, bem, data, task_cfg))
+
+
+def build_configs(config_file: str | None = None, overrides: list[str] = (), folders: dict[str, str] | None = None
                   ) -> tuple[BEMConfig, DomainDataConfig, TaskConfig, TrainConfig]:
-    """:data:`DEFAULTS`, the TOML file, then the overrides (later wins); unknown keys are
-    one-line ``ValueError``s."""
+    """:data:`DEFAULTS`, the TOML file, then the overrides (later wins), then ``folders`` as
+    ``data.folders``; unknown keys are one-line ``ValueError``s."""
     layers, _ = layered_config(SECTIONS, DEFAULTS, config_file, overrides)
+    if folders is not None:
+        layers["data"]["folders"] = folders
     return (config_from_dict(BEMConfig, layers["bem"]), config_from_dict(DomainDataConfig, layers["data"]),
             config_from_dict(TaskConfig, layers["task"]), TrainConfig.from_dict(layers["train"]))
 
@@ -83,22 +106,29 @@ def run_config(base: Base, bem: BEMConfig, data: DomainDataConfig, task: TaskCon
             "task": config_to_dict(task)}
 
 
-def load_run(path: str | Path, base_path: str | None = None
-             ) -> tuple[tuple[BEMConfig, DomainDataConfig, TaskConfig], Base, BEMModel]:
-    """The configs, the base (``base_path``, default: the one it was trained on) and the model
-    (eval mode) of a BEM run or step directory: resolve the path, read its config, load the
-    base, build the model, load the adapters. A run that is missing or not a BEM run's, or a
-    base with another fingerprint, is a one-line ``ValueError``."""
-    ckpt = resolve_checkpoint(path)
-    saved = read_config(ckpt).get("model", {})
-    if not {"base", "bem", "data", "task"} <= saved.keys():
-        raise ValueError(f"{ckpt} is not a BEM checkpoint (its run_config.json has no base/bem/data/task)")
-    base = Base.load(base_path or saved["base"]["path"])
-    if base.fingerprint != saved["base"]["fingerprint"]:
-        raise ValueError(f"{ckpt} holds adapters for another base model: fingerprint {saved['base']['fingerprint']} "
-                         f"({saved['base']['path']}), but {base.path} is {base.fingerprint}")
-    configs = (config_from_dict(BEMConfig, saved["bem"]), config_from_dict(DomainDataConfig, saved["data"]),
-               config_from_dict(TaskConfig, saved["task"]))
-    model = BEMModel(base.model, configs[0])
+@dataclass
+class BEMRun(SavedRun):
+    """A saved BEM run: the model (BEM on its base), its configs and the base."""
+
+    bem: BEMConfig
+    data: DomainDataConfig
+    task_config: TaskConfig
+    base: Base
+
+
+def load_run(path: str | Path, base_path: str | None = None) -> BEMRun:
+    """The model (eval mode), configs and base (``base_path``, default: the one it was trained
+    on) of a BEM run or step directory: :func:`~neurolattice.train.read_run_config`, load the
+    base, build the model, load the adapters. A base with another fingerprint is a one-line
+    ``ValueError``."""
+    ckpt, (record, bem, data, task_cfg) = read_run_config(path, "a BEM", lambda saved: (
+        saved["model"]["base"], config_from_dict(BEMConfig, saved["model"]["bem"]),
+        config_from_dict(DomainDataConfig, saved["model"]["data"]),
+        config_from_dict(TaskConfig, saved["model"]["task"])))
+    base = Base.load(base_path or record["path"])
+    if base.fingerprint != record["fingerprint"]:
+        raise ValueError(f"{ckpt} holds adapters for another base model: fingerprint {record['fingerprint']} "
+                         f"({record['path']}), but {base.path} is {base.fingerprint}")
+    model = BEMModel(base.model, bem)
     load_checkpoint(ckpt, model)
-    return configs, base, model.eval()
+    return BEMRun(ckpt, model.eval(), bem, data, task_cfg, base)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,19 +67,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the rows here (with the machine)")
 
 
-def check(args: argparse.Namespace) -> None:
-    args.levels = [level.strip() for level in args.levels.split(",") if level.strip()]
-    unknown = [level for level in args.levels if level not in LEVELS]
+@dataclass
+class Study:
+    """What the study runs on: the base, the two domains' rows, the training config of every
+    method, the BEM levels."""
+
+    base: Base
+    data: DomainData
+    train: TrainConfig
+    levels: list[str]
+
+
+def check(args: argparse.Namespace) -> Study:
+    levels = [level.strip() for level in args.levels.split(",") if level.strip()]
+    unknown = [level for level in levels if level not in LEVELS]
     if unknown:
         raise ValueError(f"--levels: unknown level {unknown[0]!r}; known: {list(LEVELS)}")
     if args.rank < 2 or args.rank % 2:
         raise ValueError(f"--rank must be an even integer >= 2 (imitation stacks two experts of rank r/2), "
                          f"got {args.rank}")
-    args.train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(20, args.steps),
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(20, args.steps),
                              weight_decay=0.0, eval_every=0, log_every=max(1, args.steps // 10))
-    args.base = Base.load(args.base)
+    base = Base.load(args.base)
     data_cfg = DomainDataConfig(train_bytes=args.train_bytes, heldout_bytes=args.heldout_bytes)
-    args.data = args.base.domains(data_cfg)
+    return Study(base, base.domains(data_cfg), train, levels)
 
 
 def trainable(model: nn.Module) -> int:
@@ -109,13 +121,13 @@ class ImitationTask(Task):
         return len(inputs) * imitation_loss(model, inputs, torch.ones_like(inputs), target)
 
 
-def run(args: argparse.Namespace) -> int:
-    base, data, cfg, rank = args.base.model, args.data, args.train, args.rank
+def run(args: argparse.Namespace, study: Study) -> int:
+    base, data, cfg, rank = study.base.model, study.data, study.train, args.rank
     bem_defaults = BEMConfig(rank=rank)
     eval_task = BEMTask(data, None, TaskConfig())
     rows: list[dict[str, Any]] = []
     table = Table(COLUMNS)
-    print(f"base {args.base.path}; {len(data.train)} training rows of {data.seq_len} tokens "
+    print(f"base {study.base.path}; {len(data.train)} training rows of {data.seq_len} tokens "
           f"({', '.join(f'{d}: {len(data.heldout[d])} held-out rows' for d in DOMAINS)}); "
           f"{cfg.steps} steps of {cfg.batch_size} rows per method")
 
@@ -137,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     lora = static_lora(base, rank, bem_defaults.alpha, targets)
     add("lora (peft)", "-", fine_tune(lora, eval_task, cfg), started, trainable(lora))
 
-    for level in args.levels:
+    for level in study.levels:
         started = time.monotonic()
         bem_cfg = BEMConfig(rank=rank, level=level)
         seed_everything(cfg.seed)
@@ -171,7 +183,6 @@ def run(args: argparse.Namespace) -> int:
         add("bem-imitation", bem_cfg.level, figures, started, expert_params + controller_params)
 
     if args.json:
-        path = write_results(args.json, rows, machine_info("cpu"))
-        print(f"figures: {path}")
+        print(f"figures: {write_results(args.json, rows, machine_info('cpu'))}")
     print(format_machine(machine_info("cpu")))
     return 0

@@ -33,7 +33,7 @@ from neurolattice.lm.task import NextTokenTask, heldout_loss
 
 from .attach import adapter_state_dict, attach, load_adapter_state_dict, regularizers
 from .config import BEMConfig
-from .data import DOMAINS, DomainData
+from .data import DomainData
 from .layer import BEMLinear
 
 
@@ -67,9 +67,11 @@ def base_fingerprint(model: nn.Module) -> str:
 class BEMModel(nn.Module):
     """A causal LM with BEM attached and its base frozen, for the trainer.
 
-    Calls go to the LM (``forward``, ``generate``); ``state_dict`` / ``load_state_dict`` hold
-    the BEM tensors only (:func:`~neurolattice.bem.adapter_state_dict`), so a checkpoint is the
-    adapters and the controller, not a copy of the base model.
+    Calls go to the LM (``forward``, ``generate``). Its ``state_dict`` is the whole model's, as
+    any module's; a checkpoint (:func:`neurolattice.train.checkpoint.checkpoint_tensors`) takes
+    :meth:`checkpoint_state_dict`, the BEM tensors only
+    (:func:`~neurolattice.bem.adapter_state_dict`): the adapters and the controller, not a copy
+    of the base model.
     """
 
     def __init__(self, lm: nn.Module, config: BEMConfig) -> None:
@@ -83,12 +85,13 @@ class BEMModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.lm.generate(*args, **kwargs)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds: BEM's (names relative to the LM)."""
         return adapter_state_dict(self.lm)
 
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
-        load_adapter_state_dict(self.lm, state_dict)
-        return nn.modules.module._IncompatibleKeys([], [])
+    def load_checkpoint_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a checkpoint's BEM tensors in (one-line ``ValueError`` if they do not fit)."""
+        load_adapter_state_dict(self.lm, tensors)
 
 
 class BEMTask(NextTokenTask):
@@ -116,13 +119,15 @@ class BEMTask(NextTokenTask):
         prefix = "lm.bem_controller." if isinstance(model, BEMModel) else "bem_controller."
         return {prefix: self.cfg.controller_lr_scale}
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, progress: bool = False) -> dict[str, float]:
+        """``{domain}_loss``, ``{domain}_bpb`` per domain and ``bpb``, their mean (``progress``: a
+        bar over each domain's batches)."""
         out = {}
-        for domain in DOMAINS:
+        for domain in self.data.domains:
             for key, value in heldout_loss(model, self.data.heldout[domain], self.byte_lengths,
-                                           self.cfg.eval_batch_size).items():
+                                           self.cfg.eval_batch_size, progress=progress and domain).items():
                 out[f"{domain}_{key}"] = value
-        out["bpb"] = sum(out[f"{d}_bpb"] for d in DOMAINS) / len(DOMAINS)
+        out["bpb"] = sum(out[f"{d}_bpb"] for d in self.data.domains) / len(self.data.domains)
         return out
 
 

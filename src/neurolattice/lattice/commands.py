@@ -1,7 +1,6 @@
 """``neurolattice lattice train | eval | show``: the command-line side of :mod:`.experiment`.
 
-Each command has the shape :mod:`neurolattice.cli` expects: ``HELP``, ``add_arguments``,
-``check`` (one-line ``ValueError``) and ``run``.
+Each command has the shape :mod:`neurolattice.cli` expects (see :mod:`neurolattice.cmdline`).
 """
 
 from __future__ import annotations
@@ -10,13 +9,15 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from neurolattice import cmdline, device
 from neurolattice.config import sections_help
-from neurolattice.io import atomic_write_json
 from neurolattice.train import TrainConfig, options, resolve_checkpoint
 
 from . import experiment
 from .config import LatticeConfig
-from .model import LatticeModelConfig
+from .model import LatticeModel, LatticeModelConfig
 from .tasks import scale_warning
 
 
@@ -27,15 +28,9 @@ def config_help() -> str:
                          skip=tuple(f"model.{k}" for k in ("lattice", *experiment.SET_BY_DATA)))
 
 
-def _json_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", metavar="PATH", help="also write the held-out figures here as JSON")
-
-
-def _report(exp, result: dict, json_path: str | None) -> None:
+def _report(exp: experiment.Experiment, result: dict, json_path: str | None) -> None:
     print(experiment.format_summary(exp.data, result, exp.model.steps))
-    if json_path:
-        atomic_write_json(json_path, result)
-        print(f"figures: {json_path}")
+    cmdline.write_json(json_path, result)
 
 
 class Train:
@@ -50,21 +45,21 @@ class Train:
         source.add_argument("--data", metavar="FILE.npz", help="a .npz file with arrays x and y")
         parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [model], [lattice], [train]")
         options.add_run_arguments(parser, "runs/lattice")
-        _json_arg(parser)
+        cmdline.add_json_argument(parser)
         parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
 
     @staticmethod
-    def check(args: argparse.Namespace) -> None:
+    def check(args: argparse.Namespace) -> experiment.Experiment:
         options.check_run_arguments(args)
-        args.experiment = experiment.build_experiment(args.data, args.config, args.overrides)
+        return experiment.build_experiment(args.data, args.config, args.overrides)
 
     @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        exp = args.experiment
+    def run(args: argparse.Namespace, exp: experiment.Experiment) -> int:
         warning = scale_warning(exp.data)
         if warning:
             print(warning, file=sys.stderr)
-        result, reached = experiment.train(exp, args.out, resume=args.resume, deadline=options.deadline(args))
+        result, reached = experiment.train(exp, args.out, resume=args.resume, deadline=options.deadline(args),
+                                           device=device.use(args))
         if reached < exp.train.steps:
             print(f"stopped at step {reached} of {exp.train.steps}: --max-minutes {args.max_minutes} ran out")
         _report(exp, result, args.json)
@@ -73,48 +68,44 @@ class Train:
         return 0
 
 
-class _OnRun:
-    """A command on a trained run: ``CKPT`` is loaded (and checked) before it runs."""
+class _OnRun(cmdline.OnRun):
+    @classmethod
+    def load(cls, args: argparse.Namespace) -> experiment.LatticeRun:
+        return experiment.load_run(args.ckpt)
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("ckpt", metavar="CKPT", help="run directory or one of its step directories")
 
-    @staticmethod
-    def check(args: argparse.Namespace) -> None:
-        args.loaded = experiment.load_run(args.ckpt)
+def _to(run: experiment.LatticeRun, where: torch.device) -> tuple[LatticeModel, LatticeModel | None]:
+    """The run's model and baseline on ``where``."""
+    return run.model.to(where), None if run.baseline is None else run.baseline.to(where)
 
 
 class Eval(_OnRun):
     HELP = "held-out figures of a trained lattice run, beside its T = 0 baseline and scikit-learn's"
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        _OnRun.add_arguments(parser)
-        _json_arg(parser)
+    @classmethod
+    def add_options(cls, parser: argparse.ArgumentParser) -> None:
+        cmdline.add_json_argument(parser)
 
     @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        exp, model, baseline = args.loaded
-        _report(exp, experiment.summarize(exp.data, model, baseline), args.json)
+    def run(args: argparse.Namespace, run: experiment.LatticeRun) -> int:
+        model, baseline = _to(run, device.use(args))
+        _report(run.experiment, experiment.summarize(run.experiment.data, model, baseline, progress=True), args.json)
         return 0
 
 
 class Show(_OnRun):
     HELP = "PNG plots of a trained lattice run: curves, gate usage, state norms, metric vs T"
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        _OnRun.add_arguments(parser)
+    @classmethod
+    def add_options(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--out", help="folder for the PNGs (default: CKPT's run directory /plots)")
 
     @staticmethod
-    def run(args: argparse.Namespace) -> int:
+    def run(args: argparse.Namespace, run: experiment.LatticeRun) -> int:
         from .plots import show
 
-        exp, model, baseline = args.loaded
-        run_dir = resolve_checkpoint(args.ckpt).parent
-        out = Path(args.out) if args.out else run_dir / "plots"
-        for path in show(exp, model, baseline, run_dir, out):
+        model, baseline = _to(run, device.use(args))
+        out = Path(args.out) if args.out else run.run_dir / "plots"
+        for path in show(run.experiment, model, baseline, run.run_dir, out):
             print(f"wrote {path}")
         return 0

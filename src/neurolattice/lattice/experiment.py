@@ -13,17 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from neurolattice.cmdline import percent
 from neurolattice.config import layered_config
 from neurolattice.data import Dataset, baselines, load_digits, load_npz, primary_metric
-from neurolattice.train import (
-    TrainConfig,
-    Trainer,
-    load_checkpoint,
-    read_config,
-    resolve_checkpoint,
-    seed_everything,
-)
+from neurolattice.train import SavedRun, TrainConfig, Trainer, load_checkpoint, read_run_config, seed_everything
 
 from .config import LatticeConfig
 from .model import LatticeModel, LatticeModelConfig
@@ -80,18 +75,18 @@ def _run_config(exp: Experiment, model: LatticeModelConfig) -> dict[str, Any]:
 
 
 def train(exp: Experiment, out: str | Path, resume: bool = False, progress: bool = True,
-          deadline: float | None = None) -> tuple[dict[str, Any], int]:
-    """Train the model and its ``T = 0`` baseline into ``out`` (``resume``: continue each from its
-    checkpoint there); with ``deadline`` (a ``time.monotonic()`` time) each stops, with a
-    checkpoint, at its first logging step past it. Returns :func:`summarize`'s result and the
-    optimizer steps the model (not the baseline) has reached."""
+          deadline: float | None = None, device: str | torch.device = "cpu") -> tuple[dict[str, Any], int]:
+    """Train the model and its ``T = 0`` baseline on ``device`` into ``out`` (``resume``: continue
+    each from its checkpoint there); with ``deadline`` (a ``time.monotonic()`` time) each stops,
+    with a checkpoint, at its first logging step past it. Returns :func:`summarize`'s result and
+    the optimizer steps the model (not the baseline) has reached."""
     out = Path(out)
     models, reached = [], []
     for model_cfg, run_dir in ((exp.model, out), (dataclasses.replace(exp.model, steps=0), out / "T0")):
         seed_everything(exp.train.seed)
-        model = LatticeModel(model_cfg)
+        model = LatticeModel(model_cfg).to(device)
         trainer = Trainer(model, LatticeTask(exp.data), exp.train, out_dir=run_dir,
-                          model_config=_run_config(exp, model_cfg))
+                          model_config=_run_config(exp, model_cfg), name=f"train T = {model_cfg.steps}")
         if resume and (run_dir / "latest").exists():
             trainer.resume()
         trainer.fit(progress=progress, deadline=deadline)
@@ -100,34 +95,41 @@ def train(exp: Experiment, out: str | Path, resume: bool = False, progress: bool
     return summarize(exp.data, *models), reached[0]
 
 
-def load_run(path: str | Path) -> tuple[Experiment, LatticeModel, LatticeModel | None]:
-    """The experiment, the trained model and (if present) the ``T = 0`` baseline of a run
-    directory or one of its step directories."""
-    ckpt = resolve_checkpoint(path)
-    run_dir = ckpt.parent if (ckpt.parent / "latest").exists() else Path(path)
-    saved = read_config(ckpt)
-    try:
-        model_cfg = LatticeModelConfig.from_dict(saved["model"]["model"])
-        spec = saved["model"]["data"]
-        train_cfg = TrainConfig.from_dict(saved["train"])
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{ckpt} is not a lattice model checkpoint (run_config.json lacks {err})") from None
+@dataclass
+class LatticeRun(SavedRun):
+    """A saved lattice run: the trained model, its experiment and its ``T = 0`` baseline."""
+
+    experiment: Experiment
+    baseline: LatticeModel | None
+
+
+def load_run(path: str | Path) -> LatticeRun:
+    """The trained model, its experiment and (if present) the ``T = 0`` baseline of a run
+    directory or one of its step directories (:func:`~neurolattice.train.read_run_config`)."""
+    ckpt, (model_cfg, spec, train_cfg) = read_run_config(path, "a lattice model", lambda saved: (
+        LatticeModelConfig.from_dict(saved["model"]["model"]), saved["model"]["data"],
+        TrainConfig.from_dict(saved["train"])))
     exp = Experiment(load_data(spec), spec, model_cfg, train_cfg)
     model = LatticeModel(model_cfg).eval()
     load_checkpoint(ckpt, model)
     baseline = None
-    if (run_dir / "T0" / "latest").exists():
+    if (ckpt.parent / "T0" / "latest").exists():
         baseline = LatticeModel(dataclasses.replace(model_cfg, steps=0)).eval()
-        load_checkpoint(run_dir / "T0", baseline)
-    return exp, model, baseline
+        load_checkpoint(ckpt.parent / "T0", baseline)
+    return LatticeRun(ckpt, model, exp, baseline)
 
 
-def summarize(data: Dataset, model: LatticeModel, baseline: LatticeModel | None) -> dict[str, Any]:
+def summarize(data: Dataset, model: LatticeModel, baseline: LatticeModel | None,
+              progress: bool = False) -> dict[str, Any]:
     """Held-out figures: the model's (``accuracy`` and ``ci95``, or ``mse`` and ``r2``), the
-    ``T = 0`` baseline's primary metric (``accuracy_T0`` / ``r2_T0``) and scikit-learn's."""
-    result: dict[str, Any] = held_out(model, data)
+    ``T = 0`` baseline's primary metric (``accuracy_T0`` / ``r2_T0``) and scikit-learn's.
+    ``progress``: a bar over the held-out batches of each model, a line before the baselines."""
+    result: dict[str, Any] = held_out(model, data, progress=progress and f"held-out T = {model.config.steps}")
     key = primary_metric(data.task)
-    result[f"{key}_T0"] = None if baseline is None else held_out(baseline, data)[key]
+    result[f"{key}_T0"] = None if baseline is None else held_out(
+        baseline, data, progress=progress and "held-out T = 0")[key]
+    if progress:
+        print(f"fitting the scikit-learn baselines on {len(data.y_train)} training samples", flush=True)
     result["baselines"] = baselines(data)
     result["test_samples"] = len(data.y_test)
     return result
@@ -137,7 +139,7 @@ def format_summary(data: Dataset, result: dict[str, Any], steps: int) -> str:
     key = primary_metric(data.task)
 
     def pct(v: float | None) -> str:
-        return "n/a" if v is None else (f"{100 * v:.1f}%" if key == "accuracy" else f"{v:.4f}")
+        return percent(v) if key == "accuracy" or v is None else f"{v:.4f}"
 
     head = f"held-out {key} on {data.name} ({result['test_samples']} samples), T = {steps}: {pct(result[key])}"
     if "ci95" in result:
@@ -149,7 +151,9 @@ def format_summary(data: Dataset, result: dict[str, Any], steps: int) -> str:
 
 
 @torch.no_grad()
-def accuracy_by_steps(data: Dataset, model: LatticeModel, steps: list[int]) -> list[float]:
-    """The trained model's held-out primary metric when run for each number of steps."""
+def accuracy_by_steps(data: Dataset, model: LatticeModel, steps: list[int], progress: bool = False) -> list[float]:
+    """The trained model's held-out primary metric when run for each number of steps
+    (``progress``: a bar over them)."""
     key = primary_metric(data.task)
-    return [held_out(model, data, steps=t)[key] for t in steps]
+    return [held_out(model, data, steps=t)[key]
+            for t in tqdm(steps, desc="held-out by T", dynamic_ncols=True, disable=not progress)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
+from tqdm import tqdm
 
 from neurolattice.data import Dataset, score
 from neurolattice.train import Task
@@ -28,17 +29,21 @@ def scale_warning(data: Dataset) -> str | None:
 
 
 @torch.no_grad()
-def predict(model: LatticeModel, x: torch.Tensor, steps: int | None = None, batch_size: int = 256) -> torch.Tensor:
-    """Model outputs for ``x`` in batches, on the model's device, returned on the CPU."""
+def predict(model: LatticeModel, x: torch.Tensor, steps: int | None = None, batch_size: int = 256,
+            progress: str | bool = False) -> torch.Tensor:
+    """Model outputs for ``x`` in batches, on the model's device, returned on the CPU.
+    ``progress``: the description of a bar over the batches (False: no bar)."""
     device = next(model.parameters()).device
-    outs = [model(x[i:i + batch_size].to(device), steps=steps).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(outs)
+    starts = tqdm(range(0, len(x), batch_size), desc=progress or None, unit="batch", dynamic_ncols=True,
+                  disable=not progress)
+    return torch.cat([model(x[i:i + batch_size].to(device), steps=steps).cpu() for i in starts])
 
 
-def held_out(model: LatticeModel, data: Dataset, steps: int | None = None) -> dict[str, float]:
+def held_out(model: LatticeModel, data: Dataset, steps: int | None = None,
+             progress: str | bool = False) -> dict[str, float]:
     """:func:`~neurolattice.data.score` of ``model`` (run for ``steps``, default its own ``T``)
-    on ``data``'s test split."""
-    return score(predict(model, data.x_test, steps=steps), data.y_test, data.task)
+    on ``data``'s test split (``progress``: see :func:`predict`)."""
+    return score(predict(model, data.x_test, steps=steps, progress=progress), data.y_test, data.task)
 
 
 class LatticeTask(Task):

@@ -4,8 +4,7 @@ train the LM data-parallel, score it in held-out bits per byte, continue a promp
 ``train`` runs alone or under ``torchrun``, e.g.
 ``torchrun --nproc_per_node 2 -m neurolattice.cli lm train --out runs/lm``.
 
-Each command has the shape :mod:`neurolattice.cli` expects: ``HELP``, ``add_arguments``,
-``check`` (one-line ``ValueError``) and ``run``.
+Each command has the shape :mod:`neurolattice.cli` expects (see :mod:`neurolattice.cmdline`).
 """
 
 from __future__ import annotations
@@ -15,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from neurolattice import cmdline, device
 from neurolattice.config import sections_help
-from neurolattice.io import atomic_write_json
-from neurolattice.train import TrainConfig, distributed, options, resolve_checkpoint
+from neurolattice.train import TrainConfig, options, resolve_checkpoint
 
 from .config import PRESETS, DataConfig, LMConfig
-from .experiment import DEFAULTS, HELDOUT_FILES, build_configs, load_run, run_config
+from .experiment import DEFAULTS, HELDOUT_FILES, Experiment, LMRun, build_experiment, load_run, run_config
 from .model import build_model, continue_prompt
 from .task import LMTask
 
@@ -45,17 +44,15 @@ class Train:
         parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
 
     @staticmethod
-    def check(args: argparse.Namespace) -> None:
+    def check(args: argparse.Namespace) -> Experiment:
         options.check_run_arguments(args)
-        args.configs = build_configs(args.preset, args.data, args.config, args.overrides)
-        lm, data, _ = args.configs
-        args.task = LMTask(data.load(), lm)
+        return build_experiment(args.preset, args.data, args.config, args.overrides)
 
     @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        lm, data, train = args.configs
-        record = options.train_run(args, lambda: build_model(lm), args.task, train, run_config(lm, data),
-                                   records={HELDOUT_FILES: args.task.data.heldout_files})
+    def run(args: argparse.Namespace, exp: Experiment) -> int:
+        record = options.train_run(args, lambda: build_model(exp.lm), exp.task, exp.train,
+                                   run_config(exp.lm, exp.data),
+                                   records={HELDOUT_FILES: exp.task.data.heldout_files})
         if record is not None:  # the main process
             out = Path(args.out)
             if "eval_bpb" in record:
@@ -65,50 +62,49 @@ class Train:
         return 0
 
 
-class Eval:
+class Eval(cmdline.OnRun):
     HELP = "held-out bits per byte of a trained LM (run or step directory)"
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("ckpt", metavar="CKPT", help="run directory or one of its step directories")
-        parser.add_argument("--json", metavar="PATH", help='also write {"bits_per_byte", "tokens"} here')
+    @classmethod
+    def add_options(cls, parser: argparse.ArgumentParser) -> None:
+        cmdline.add_json_argument(parser, 'the figures {"bits_per_byte", "tokens"}')
+
+    @classmethod
+    def load(cls, args: argparse.Namespace) -> tuple[LMRun, LMTask]:
+        run = load_run(args.ckpt)
+        task = LMTask(run.data.load(), run.lm)
+        if len(task.data.heldout) == 0:
+            raise ValueError(f"{args.ckpt} holds out no text (data.heldout_fraction = {run.data.heldout_fraction})")
+        return run, task
 
     @staticmethod
-    def check(args: argparse.Namespace) -> None:
-        lm, data, args.model = load_run(args.ckpt)
-        args.task = LMTask(data.load(), lm)
-        if len(args.task.data.heldout) == 0:
-            raise ValueError(f"{args.ckpt} holds out no text (data.heldout_fraction = {data.heldout_fraction})")
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        task = args.task
-        with distributed.init_from_env() as device, torch.no_grad():
-            bpb = task.evaluate(args.model.to(device))["bpb"]
+    def run(args: argparse.Namespace, loaded: tuple[LMRun, LMTask]) -> int:
+        run, task = loaded
+        with torch.no_grad():
+            bpb = task.evaluate(run.model.to(device.use(args)), progress=True)["bpb"]
         result = {"bits_per_byte": bpb, "tokens": int(task.count_targets(task.data.heldout[:]))}
         print(f"held-out bits per byte: {bpb:.4f} over {result['tokens']} tokens "
               f"({len(task.data.heldout_files)} files)")
-        if args.json:
-            atomic_write_json(args.json, result)
-            print(f"figures: {args.json}")
+        cmdline.write_json(args.json, result)
         return 0
 
 
-class Sample:
+class Sample(cmdline.OnRun):
     HELP = "continue a prompt with a trained LM (run or step directory)"
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("ckpt", metavar="CKPT", help="run directory or one of its step directories")
+    @classmethod
+    def add_options(cls, parser: argparse.ArgumentParser) -> None:
         options.add_sampling_arguments(parser)
 
-    @staticmethod
-    def check(args: argparse.Namespace) -> None:
-        args.lm, _, args.model = load_run(args.ckpt)
-        options.check_sampling(args, args.lm.seq_len)
+    @classmethod
+    def load(cls, args: argparse.Namespace) -> LMRun:
+        run = load_run(args.ckpt)
+        options.check_sampling(args, run.lm.seq_len)
+        return run
 
     @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        print(continue_prompt(args.model, args.lm.eod_id, args.prompt, args.max_new_tokens, args.temperature,
+    def run(args: argparse.Namespace, run: LMRun) -> int:
+        model = run.model.to(device.setup(args))
+        print(continue_prompt(model, run.lm.eod_id, args.prompt, args.max_new_tokens, args.temperature,
                               args.greedy, args.seed))
         return 0

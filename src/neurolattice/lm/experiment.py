@@ -9,16 +9,16 @@ A run directory (``--out``) holds the checkpoints, ``metrics.jsonl`` and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from neurolattice.config import config_from_dict, config_to_dict, layered_config
-from neurolattice.train import TrainConfig, load_checkpoint, read_config, resolve_checkpoint
+from neurolattice.train import SavedRun, TrainConfig, load_checkpoint, read_run_config
 
 from .config import DataConfig, LMConfig
 from .model import build_model
+from .task import LMTask
 
 SECTIONS = ("model", "data", "train")
 # Training defaults for the LM (a 32 x 256-byte batch suits the tiny preset); every value can
@@ -28,6 +28,23 @@ DEFAULTS: dict[str, dict[str, Any]] = {
               "eval_every": 250, "checkpoint_every": 250, "log_every": 10},
 }
 HELDOUT_FILES = "heldout_files.json"
+
+
+@dataclass
+class Experiment:
+    """What a training run is made of: the configs and the task (its data, loaded)."""
+
+    lm: LMConfig
+    data: DataConfig
+    train: TrainConfig
+    task: LMTask
+
+
+def build_experiment(preset: str, data_dir: str | None = None, config_file: str | None = None,
+                     overrides: list[str] = ()) -> Experiment:
+    """:func:`build_configs`, and the task on the data they name."""
+    lm, data, train = build_configs(preset, data_dir, config_file, overrides)
+    return Experiment(lm, data, train, LMTask(data.load(), lm))
 
 
 def build_configs(preset: str, data_dir: str | None = None, config_file: str | None = None,
@@ -54,17 +71,19 @@ def run_config(lm: LMConfig, data: DataConfig) -> dict[str, Any]:
     return {"model": lm.to_dict(), "data": config_to_dict(data)}
 
 
-def load_run(path: str | Path) -> tuple[LMConfig, DataConfig, torch.nn.Module]:
-    """The configs and the trained model (eval mode, CPU) of a run or step directory: resolve
-    the path, read its config, build the model, load the weights. A run that is missing, or
-    whose ``run_config.json`` is not an LM's, is a one-line ``ValueError``."""
-    ckpt = resolve_checkpoint(path)
-    saved = read_config(ckpt)
-    try:
-        lm = LMConfig.from_dict(saved["model"]["model"])
-        data = config_from_dict(DataConfig, saved["model"]["data"])
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{ckpt} is not an LM checkpoint (run_config.json lacks {err})") from None
+@dataclass
+class LMRun(SavedRun):
+    """A saved LM run: the trained model and its model and data configs."""
+
+    lm: LMConfig
+    data: DataConfig
+
+
+def load_run(path: str | Path) -> LMRun:
+    """The trained model (eval mode, CPU) and configs of a run or step directory
+    (:func:`~neurolattice.train.read_run_config`, then build, then load the weights)."""
+    ckpt, (lm, data) = read_run_config(path, "an LM", lambda saved: (
+        LMConfig.from_dict(saved["model"]["model"]), config_from_dict(DataConfig, saved["model"]["data"])))
     model = build_model(lm)
     load_checkpoint(ckpt, model)
-    return lm, data, model.eval()
+    return LMRun(ckpt, model.eval(), lm, data)

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from neurolattice.train import Task
 
@@ -61,15 +62,18 @@ class LMTask(NextTokenTask):
         self.train_data = data.train
         self.byte_lengths = data.tokenizer.byte_lengths()
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return heldout_loss(model, self.data.heldout, self.byte_lengths, self.eval_batch_size)
+    def evaluate(self, model: nn.Module, progress: bool = False) -> dict[str, float]:
+        """``heldout_loss`` of the held-out rows (``progress``: a bar over their batches)."""
+        return heldout_loss(model, self.data.heldout, self.byte_lengths, self.eval_batch_size,
+                            progress=progress and "held-out")
 
 
 def heldout_loss(model: nn.Module, rows: PackedDataset, byte_lengths: torch.Tensor,
-                 batch_size: int = 32) -> dict[str, float]:
+                 batch_size: int = 32, progress: str | bool = False) -> dict[str, float]:
     """``{"loss": nats per target, "bpb": bits per byte}`` of ``model`` on the packed ``rows``
     (see :class:`LMTask`; ``byte_lengths[id]`` is the bytes of text token ``id`` stands for);
-    ``{}`` for no rows. One host sync, at the end."""
+    ``{}`` for no rows. One host sync, at the end. ``progress``: the description of a bar over
+    the batches (False: no bar)."""
     if len(rows) == 0:
         return {}
     device = next(model.parameters()).device
@@ -77,7 +81,8 @@ def heldout_loss(model: nn.Module, rows: PackedDataset, byte_lengths: torch.Tens
     nats = torch.zeros((), dtype=torch.float64, device=device)
     targets = torch.zeros((), dtype=torch.long, device=device)
     nbytes = torch.zeros((), dtype=torch.long, device=device)
-    for start in range(0, len(rows), batch_size):
+    for start in tqdm(range(0, len(rows), batch_size), desc=progress or None, unit="batch", dynamic_ncols=True,
+                      disable=not progress):
         inputs, labels = (t.to(device) for t in rows[start:start + batch_size])
         logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
         nats += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,

@@ -206,7 +206,8 @@ class Fit:
 
 
 def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
-        on_epoch: Callable[[dict[str, Any], NeuroGraph], None] | None = None) -> Fit:
+        on_epoch: Callable[[dict[str, Any], NeuroGraph], None] | None = None,
+        device: str | torch.device = "cpu") -> Fit:
     """Train a network for ``(x, y)`` (the training split only) with restarts and best-epoch
     selection on a validation split carved from it.
 
@@ -220,7 +221,8 @@ def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
     3. The chosen run's epoch with the highest validation accuracy (the latest on ties) is the
        one kept. Without validation (``validation_fraction = 0``, then ``restarts = 1``): the last.
 
-    ``on_epoch(entry, net)`` is called after every epoch of every run (``entry`` has
+    The networks and the data live on ``device``. ``on_epoch(entry, net)`` is called after
+    every epoch of every run (``entry`` has
     ``restart`` and ``seed``); it may add keys to ``entry`` (the CLI adds the held-out accuracy
     for the plot), and nothing it adds is read here.
     """
@@ -229,8 +231,11 @@ def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
         x_fit, y_fit, x_val, y_val = x[fit_rows], y[fit_rows], x[val_rows], y[val_rows]
     else:
         x_fit, y_fit, x_val, y_val = x, y, None, None
+    x_fit, y_fit = x_fit.to(device), y_fit.to(device)
+    if x_val is not None:
+        x_val, y_val = x_val.to(device), y_val.to(device)
     seeds = [config.seed * config.restarts + r for r in range(config.restarts)]
-    runs = [Training(NeuroGraph(replace(config, seed=s), x.shape[1]), x_fit, y_fit) for s in seeds]
+    runs = [Training(NeuroGraph(replace(config, seed=s), x.shape[1]).to(device), x_fit, y_fit) for s in seeds]
     histories: list[list[dict[str, Any]]] = [[] for _ in runs]
     best: list[tuple[float, int, dict[str, torch.Tensor]] | None] = [None] * len(runs)
 

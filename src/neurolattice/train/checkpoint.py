@@ -1,6 +1,6 @@
 """Checkpoints: versioned step directories behind an atomically updated ``latest`` pointer.
 
-Layout of a run directory::
+Layout of a run directory (the model's tensors are :func:`checkpoint_tensors`)::
 
     out/
       latest                  text: the name of the newest complete checkpoint, e.g. "step-00000400"
@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,7 +68,7 @@ def save_checkpoint(
         if hasattr(model, "save_pretrained"):  # a transformers PreTrainedModel
             model.save_pretrained(tmp, safe_serialization=True)
         else:
-            tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+            tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in checkpoint_tensors(model).items()}
             atomic_write(tmp / WEIGHTS, lambda p: save_file(tensors, p))
         atomic_write_json(tmp / CONFIG, dict(config))
         if trainer_state is not None:
@@ -128,6 +129,34 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return _read(resolve_checkpoint(path) / CONFIG, _load_json)
 
 
+def read_run_config(path: str | os.PathLike, system: str, parse: Callable[[dict[str, Any]], T]) -> tuple[Path, T]:
+    """The first half of loading a saved run, the same in every system: resolve ``path`` (run or
+    step directory) to its checkpoint, read its ``run_config.json`` and ``parse`` it into the
+    system's configs. A missing checkpoint, a corrupt file, or a config without the keys (or
+    types) ``parse`` reads is a one-line ``ValueError`` (``... is not a lattice checkpoint``).
+    Building the model and :func:`load_checkpoint` are the system's second half; the result is a
+    :class:`SavedRun`."""
+    ckpt = resolve_checkpoint(path)
+    saved = read_config(ckpt)
+    try:
+        return ckpt, parse(saved)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{ckpt} is not {system} checkpoint (its {CONFIG} lacks {err})") from None
+
+
+@dataclass
+class SavedRun:
+    """A saved run, loaded: the checkpoint it came from and its model (eval mode, on the CPU).
+    Each system's ``load_run`` returns a subclass with its configs and data beside them."""
+
+    checkpoint: Path
+    model: nn.Module
+
+    @property
+    def run_dir(self) -> Path:
+        return self.checkpoint.parent
+
+
 def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     """The trainer state (``trainer_state.pt``) of the checkpoint at ``path``, on the CPU."""
     return _read(resolve_checkpoint(path) / STATE, _load_state)
@@ -158,10 +187,23 @@ def load_checkpoint(
     saved = _read(ckpt / CONFIG, _load_json)
     if config is not None:
         check_config(config, saved, f"checkpoint {ckpt}", ignore)
-    tensors = _with_tied(model, _read(ckpt / WEIGHTS, load_file))
-    check_state_dict(model.state_dict(), tensors, f"checkpoint {ckpt / WEIGHTS}")
-    model.load_state_dict(tensors)
+    tensors = _read(ckpt / WEIGHTS, load_file)
+    if hasattr(model, "load_checkpoint_state_dict"):
+        check_state_dict(checkpoint_tensors(model), tensors, f"checkpoint {ckpt / WEIGHTS}")
+        model.load_checkpoint_state_dict(tensors)
+    else:
+        tensors = _with_tied(model, tensors)
+        check_state_dict(model.state_dict(), tensors, f"checkpoint {ckpt / WEIGHTS}")
+        model.load_state_dict(tensors)
     return saved
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint of ``model`` holds: ``model.checkpoint_state_dict()`` where the model
+    defines it (with ``load_checkpoint_state_dict`` to take it back: a model that saves only
+    part of itself, e.g. adapters on a frozen base, as PEFT saves its adapters), else its
+    whole ``state_dict()``."""
+    return model.checkpoint_state_dict() if hasattr(model, "checkpoint_state_dict") else model.state_dict()
 
 
 def _with_tied(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neurolattice import device
 from neurolattice.io import atomic_write_json
 
 from . import distributed
@@ -20,23 +21,32 @@ from .trainer import Task, TrainConfig, Trainer, seed_everything
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
-    """``--out DIR``, ``--max-minutes M`` and ``--resume``."""
+    """``--out DIR``, ``--max-minutes M``, ``--resume``, ``--device`` and ``--threads``."""
     parser.add_argument("--out", default=default_out, help="run directory (default: %(default)s)")
     parser.add_argument("--max-minutes", type=float, metavar="M",
                         help="stop, with a checkpoint, at the first logging step after M minutes")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    device.add_device_arguments(parser)
 
 
 def check_run_arguments(args: argparse.Namespace) -> None:
-    """One-line ``ValueError`` for a negative budget, ``--resume`` without a run in ``--out``, or a
-    new run over an existing one."""
+    """One-line ``ValueError`` for a bad ``--device`` or ``--threads``, a negative budget,
+    ``--resume`` without a run in ``--out``, or a new run over an existing one."""
+    device.check_arguments(args)
     if args.max_minutes is not None and not args.max_minutes >= 0:
         raise ValueError(f"--max-minutes must be >= 0, got {args.max_minutes}")
-    has_run = (Path(args.out) / "latest").exists()
-    if args.resume and not has_run:
-        raise ValueError(f"--resume: {args.out} holds no run to continue")
-    if not args.resume and has_run:
-        raise ValueError(f"{args.out} already holds a run: pass --resume, or choose another --out")
+    check_out(args.out, args.resume)
+
+
+def check_out(out: str, resume: bool | None = False) -> None:
+    """One-line ``ValueError`` unless ``--out`` is free for a new run (``resume`` False), holds one
+    to continue (True); None: the command cannot resume, so it says only "choose another"."""
+    has_run = (Path(out) / "latest").exists()
+    if resume and not has_run:
+        raise ValueError(f"--resume: {out} holds no run to continue")
+    if not resume and has_run:
+        hint = "choose another --out" if resume is None else "pass --resume, or choose another --out"
+        raise ValueError(f"{out} already holds a run: {hint}")
 
 
 def deadline(args: argparse.Namespace) -> float | None:
@@ -53,20 +63,25 @@ def train_run(args: argparse.Namespace, build: Callable[[], nn.Module], task: Ta
     budget stopped it. A ``ValueError`` of the trainer (a batch the ranks do not divide, a
     resumed run of another config) exits as a usage error, in one line.
 
+    ``--device`` and ``--threads`` say where: on CUDA each rank takes GPU ``LOCAL_RANK``.
+
     Returns the last logged record on the main process, None on the others (which print nothing).
     """
-    with distributed.init_from_env() as device:
+    kind = device.setup(args).type
+    with distributed.init_from_env(kind) as here:
+        if distributed.is_main():
+            print(f"device: {device.describe(here)}, {distributed.world_size()} process(es)", flush=True)
         # In a function of its own, so the trainer and its DDP wrapper are freed before the
         # process group is destroyed (freeing them after can hang gloo at exit).
-        return _train(args, build, task, train, model_config, records or {}, device)
+        return _train(args, build, task, train, model_config, records or {}, here)
 
 
 def _train(args: argparse.Namespace, build: Callable[[], nn.Module], task: Task, train: TrainConfig,
-           model_config: dict[str, Any], records: dict[str, Any], device: torch.device) -> dict[str, float] | None:
+           model_config: dict[str, Any], records: dict[str, Any], here: torch.device) -> dict[str, float] | None:
     stop_at = deadline(args)
     out = Path(args.out)
     seed_everything(train.seed)
-    model = build().to(device)
+    model = build().to(here)
     try:  # the batch split over the ranks, the resumed run's config
         trainer = Trainer(model, task, train, out_dir=out, model_config=model_config)
         if args.resume:
