@@ -64,6 +64,30 @@ def test_train_eval_generate(tmp_path, bases, capsys):
     assert "already holds a run" in error(capsys, ["bem", "train", "--base", str(base), "--out", str(out)])
 
 
+def test_train_and_eval_on_the_users_domains(tmp_path, bases, capsys):
+    """``--data NAME=DIR``: each folder a domain, split by file; eval rebuilds them from the run."""
+    base, _ = bases
+    folders = {}
+    for name, package in (("lm", "lm"), ("train", "train")):
+        folders[name] = tmp_path / name
+        shutil.copytree(LM_SOURCES.parent / package, folders[name], ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "bem"
+    data = [arg for name, folder in folders.items() for arg in ("--data", f"{name}={folder}")]
+    assert main(["bem", "train", "--base", str(base), "--out", str(out), *data, *SMALL_DATA,
+                 "data.heldout_fraction=0.3", "bem.rank=2", "bem.chunk_size=4", "bem.prefix_len=8", "train.steps=1", "train.batch_size=4",
+                 "train.eval_every=0"]) == 0
+    saved = json.loads((out / "step-00000001" / "run_config.json").read_text())["model"]["data"]
+    assert saved["folders"] == {name: str(folder.resolve()) for name, folder in folders.items()}
+    figures = tmp_path / "eval.json"
+    assert main(["bem", "eval", str(out), "--json", str(figures)]) == 0
+    assert set(json.loads(figures.read_text())["bem"]) == {"lm_loss", "lm_bpb", "train_loss", "train_bpb", "bpb"}
+
+    argv = ["bem", "train", "--base", str(base), "--out", str(tmp_path / "x")]
+    assert "--data takes NAME=DIR" in error(capsys, argv + ["--data", str(folders["lm"])])
+    assert "two or more domains" in error(capsys, argv + ["--data", f"lm={folders['lm']}"])
+    assert "does not exist" in error(capsys, argv + ["--data", f"lm={folders['lm']}", "--data", "x=/no/such/dir"])
+
+
 def test_bad_config_is_one_line(tmp_path, bases, capsys):
     base, _ = bases
     argv = ["bem", "train", "--base", str(base), "--out", str(tmp_path / "x")]
