@@ -74,8 +74,8 @@ def test_train_and_eval_on_the_users_domains(tmp_path, bases, capsys):
     out = tmp_path / "bem"
     data = [arg for name, folder in folders.items() for arg in ("--data", f"{name}={folder}")]
     assert main(["bem", "train", "--base", str(base), "--out", str(out), *data, *SMALL_DATA,
-                 "data.heldout_fraction=0.3", "bem.rank=2", "bem.chunk_size=4", "bem.prefix_len=8", "train.steps=1", "train.batch_size=4",
-                 "train.eval_every=0"]) == 0
+                 "data.heldout_fraction=0.3", "bem.rank=2", "bem.chunk_size=4", "bem.prefix_len=8", "train.steps=1",
+                 "train.batch_size=4", "train.eval_every=0"]) == 0
     saved = json.loads((out / "step-00000001" / "run_config.json").read_text())["model"]["data"]
     assert saved["folders"] == {name: str(folder.resolve()) for name, folder in folders.items()}
     figures = tmp_path / "eval.json"
