@@ -7,7 +7,8 @@ The math and the results: docs/neurograph.md. Where each role lives:
   :mod:`.propagate` (``NeuroGraph``, the batched fast path, the readout), :mod:`.learn` (loss,
   index updates, training: ``fit``);
 - reference: :mod:`.reference` (the per-node oracle and its cache);
-- task: :mod:`.task` (the data, from the shared :mod:`neurolattice.data`, and the held-out figures);
+- task: :mod:`.task` (the data, from the shared :mod:`neurolattice.data`, the held-out figures,
+  a run's config and data, loading a saved run);
 - commands: :mod:`.commands` (``train | eval | show``), :mod:`.plots`;
 - bench: :mod:`.bench` (a training step per sample: reference vs fast path).
 """
