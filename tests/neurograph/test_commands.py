@@ -139,12 +139,11 @@ def test_bad_features(bad, words):
 
 
 def test_bad_labels_and_config():
-    from neurolattice.neurograph.learn import train
+    from neurolattice.neurograph.learn import fit
 
-    net = make_net(small_config())
     for y, word in ((torch.tensor([0, 4, 1]), "labels must be in [0, 3]"), (torch.tensor([0.0, 1.0, 2.0]), "int64")):
         with pytest.raises(ValueError, match=word.replace("[", r"\[").replace("]", r"\]")):
-            train(net, features(3), y)
+            fit(small_config(), features(3), y)
     for kwargs, word in ((dict(n=100, n_input=95), "n must be >="), (dict(gamma=1.5), "gamma"),
                          (dict(k=-1), "k must be"), (dict(tau=float("nan")), "finite"), (dict(D=2.5), "integer")):
         with pytest.raises(ValueError, match=word):

@@ -1,6 +1,7 @@
 """Learning: index updates by thresholded accumulation, the reference cache after updates,
 and that training moves a small network towards the labels."""
 
+import copy
 import math
 from dataclasses import replace
 
@@ -13,7 +14,6 @@ from neurolattice.neurograph.learn import (
     check_labels,
     fit,
     loss_terms,
-    train,
     train_step,
     update_indices,
     validation_split,
@@ -90,13 +90,12 @@ def test_training_fits_a_small_problem():
     """Two separable classes, a 60-node graph (seed 1: training is not stable on every seed,
     see docs/neurograph.md): the trained network classifies its training set."""
     config = small_config(n=60, n_input=12, n_output=2, D=2, N=512, M=1024, t_min=1, epochs=15, batch_size=8,
-                          lr_input=0.5, input_scale=0.1, seed=1)
+                          lr_input=0.5, input_scale=0.1, seed=1, validation_fraction=0.0, restarts=1)
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(64) % 2
     x = torch.randn(64, 4, generator=gen, dtype=torch.float64) * 0.3 + (y[:, None] * 2.0 - 1.0)
-    net = make_net(config, features=4)
-    untrained = accuracy(net, x, y)
-    train(net, x, y)
+    untrained = accuracy(make_net(config, features=4), x, y)
+    net = fit(config, x, y, dtype=torch.float64).net
     assert untrained < 0.7 and accuracy(net, x, y) >= 0.95
     check_labels(y, 2)
 
@@ -130,7 +129,8 @@ def test_validation_split_stratified_and_fixed():
 
 
 def test_fit_chooses_the_restart_and_epoch_best_on_validation():
-    """Every restart and every epoch recomputed independently: the chosen restart is the argmax
+    """Every restart and every epoch recomputed independently (each seed's run alone, its
+    validation accuracy and its network after every epoch): the chosen restart is the argmax
     of the best validation accuracies over the probe epochs, and the returned network equals the chosen
     seed's network trained for exactly ``best_epoch`` epochs, the epoch of the highest
     validation accuracy."""
@@ -138,15 +138,18 @@ def test_fit_chooses_the_restart_and_epoch_best_on_validation():
     x, y = _blobs()
     result = fit(config, x, y)
     fit_rows, val_rows = validation_split(y, config.validation_fraction)
-    x_fit, y_fit, x_val, y_val = x[fit_rows], y[fit_rows], x[val_rows], y[val_rows]
+    x_val, y_val = x[val_rows], y[val_rows]
     seeds = [config.seed * config.restarts + r for r in range(config.restarts)]
     assert [r["seed"] for r in result.restarts] == seeds == [12, 13, 14]
-    probe_acc = []
+    probe_acc, states = [], {}
+
+    def record(entry, net):
+        entry["val"] = accuracy(net, x_val, y_val)
+        states[entry["seed"], entry["epoch"]] = copy.deepcopy(net.state_dict())
+
     for s in seeds:
-        net = NeuroGraph(replace(config, seed=s), 4, dtype=torch.float32)
-        history = train(net, x_fit, y_fit, epochs=config.probe_epochs,
-                        on_epoch=lambda entry, net: entry.update(val=accuracy(net, x_val, y_val)))
-        probe_acc.append(max(entry["val"] for entry in history))
+        alone = fit(replace(config, seed=s, restarts=1), x, y, on_epoch=record)
+        probe_acc.append(max(entry["val"] for entry in alone.history[:config.probe_epochs]))
     assert [r["validation_accuracy"] for r in result.restarts] == probe_acc
     assert result.seed == seeds[probe_acc.index(max(probe_acc))] == 14            # not the first restart
     history = [h["validation_accuracy"] for h in result.history]
@@ -154,18 +157,30 @@ def test_fit_chooses_the_restart_and_epoch_best_on_validation():
     best = max(history)
     assert result.validation_accuracy == best == accuracy(result.net, x_val, y_val)
     assert result.best_epoch == max(i + 1 for i, v in enumerate(history) if v == best) == 2      # not the last
-    again = NeuroGraph(replace(config, seed=result.seed), 4, dtype=torch.float32)
-    train(again, x_fit, y_fit, epochs=result.best_epoch)
-    for name, value in again.state_dict().items():
+    again = states[result.seed, result.best_epoch]
+    for name, value in again.items():
         assert torch.equal(value, result.net.state_dict()[name]), name
 
 
 def test_fit_without_validation_is_plain_training():
+    """``validation_fraction = 0``, ``restarts = 1``: the plain run, recomputed here step by step
+    (``epochs`` epochs of :func:`train_step` over batches in the order of a generator seeded by
+    ``seed``, every learning rate times a cosine decay over all the steps), the last epoch kept."""
     config = _fit_config(validation_fraction=0.0, restarts=1)
     x, y = _blobs()
     result = fit(config, x, y)
     plain = NeuroGraph(config, 4, dtype=torch.float32)
-    history = train(plain, x, y)
+    optimizer = torch.optim.Adam(plain.proj.parameters(), lr=config.lr_input)
+    gen = torch.Generator().manual_seed(config.seed)
+    batches = range(0, len(x), config.batch_size)
+    total, history = config.epochs * len(batches), []
+    for epoch in range(config.epochs):
+        order, loss = torch.randperm(len(x), generator=gen), 0.0
+        for i, start in enumerate(batches):
+            idx = order[start:start + config.batch_size]
+            factor = 0.5 * (1 + math.cos(math.pi * (epoch * len(batches) + i) / total))
+            loss += train_step(plain, optimizer, x[idx], y[idx], lr_factor=factor)["loss"] * len(idx)
+        history.append({"loss": loss / len(x)})
     assert result.validation_accuracy is None and result.best_epoch == config.epochs and result.seed == config.seed
     assert [h["loss"] for h in result.history] == [h["loss"] for h in history]
     for name, value in plain.state_dict().items():

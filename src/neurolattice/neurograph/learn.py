@@ -12,8 +12,9 @@
   the sign of ``acc`` (phase wraps mod ``N``, magnitude clamps to ``[0, M-1]``) and ``acc``
   restarts at 0.
 - The input projection (continuous) takes Adam steps at ``lr_input``.
-- Training (:func:`fit`): a validation split carved from the training set (never the held-out
-  one) picks the best of ``restarts`` networks and the chosen network's best epoch.
+- Training (:func:`fit`, the one entry point; :func:`train_step` is one step of it): a
+  validation split carved from the training set (never the held-out one) picks the best of
+  ``restarts`` networks and the chosen network's best epoch.
 """
 
 from __future__ import annotations
@@ -118,17 +119,15 @@ def accuracy(net: NeuroGraph, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class Training:
-    """One network's training run over ``(x, y)``: Adam on the input projection, the data order
-    (a generator seeded by the network's ``config.seed``), every learning rate scaled by a cosine
-    decay from 1 to 0 over ``config.epochs`` epochs. :meth:`epoch` runs the next epoch, so a
-    run can stop after a few epochs (a restart's probe) and go on later on the same schedule."""
+    """One network's training run over ``(x, y)`` (labels checked by :func:`fit`): Adam on the
+    input projection, the data order (a generator seeded by the network's ``config.seed``), every
+    learning rate scaled by a cosine decay from 1 to 0 over ``config.epochs`` epochs.
+    :meth:`epoch` runs the next epoch, so :func:`fit` can stop a run after a few epochs (a
+    restart's probe) and go on later on the same schedule."""
 
     def __init__(self, net: NeuroGraph, x: torch.Tensor, y: torch.Tensor) -> None:
         c = net.config
         net.check_features(x)
-        check_labels(y, c.n_output)
-        if len(x) != len(y):
-            raise ValueError(f"features and labels must have the same number of rows, got {len(x)} and {len(y)}")
         self.net, self.x, self.y = net, x, y
         self.optimizer = torch.optim.Adam(net.proj.parameters(), lr=c.lr_input)
         self.gen = torch.Generator().manual_seed(c.seed)
@@ -156,19 +155,6 @@ class Training:
         return {"epoch": self.epochs_done, "loss": totals["loss"] / len(x),
                 "train_accuracy": totals["correct"] / len(x), "active_nodes": totals["active"] / len(x),
                 "steps": totals["steps"] / len(x), "moved": totals["moved"]}
-
-
-def train(net: NeuroGraph, x: torch.Tensor, y: torch.Tensor, epochs: int | None = None,
-          on_epoch: Callable[[dict[str, Any], NeuroGraph], None] | None = None) -> list[dict[str, Any]]:
-    """``epochs`` (default ``config.epochs``) epochs of :class:`Training` of ``net`` on
-    ``(x, y)``; returns the history (one entry per epoch). ``on_epoch(entry, net)`` after each."""
-    run = Training(net, x, y)
-    history = []
-    for _ in range(net.config.epochs if epochs is None else epochs):
-        history.append(run.epoch())
-        if on_epoch is not None:
-            on_epoch(history[-1], net)
-    return history
 
 
 def validation_split(y: torch.Tensor, fraction: float,
@@ -207,9 +193,11 @@ class Fit:
 
 def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
         on_epoch: Callable[[dict[str, Any], NeuroGraph], None] | None = None,
-        device: str | torch.device = "cpu") -> Fit:
-    """Train a network for ``(x, y)`` (the training split only) with restarts and best-epoch
-    selection on a validation split carved from it.
+        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Fit:
+    """Train a network for ``(x, y)`` (features ``[S, F]``, labels ``[S]``: the training split
+    only) with restarts and best-epoch selection on a validation split carved from it; the one
+    training entry point (``validation_fraction = 0``, ``restarts = 1``: a plain run of
+    ``epochs`` epochs on all of ``(x, y)``). ``dtype``: of the networks' carriers and signals.
 
     1. ``validation_fraction > 0``: :func:`validation_split` holds that fraction of ``(x, y)``
        back; the networks train on the rest.
@@ -222,10 +210,12 @@ def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
        one kept. Without validation (``validation_fraction = 0``, then ``restarts = 1``): the last.
 
     The networks and the data live on ``device``. ``on_epoch(entry, net)`` is called after
-    every epoch of every run (``entry`` has
-    ``restart`` and ``seed``); it may add keys to ``entry`` (the CLI adds the held-out accuracy
-    for the plot), and nothing it adds is read here.
+    every epoch of every run (``entry`` has ``restart`` and ``seed``); it may add keys to
+    ``entry`` (the CLI adds the held-out accuracy for the plot), and nothing it adds is read here.
     """
+    check_labels(y, config.n_output)
+    if len(x) != len(y):
+        raise ValueError(f"features and labels must have the same number of rows, got {len(x)} and {len(y)}")
     if config.validation_fraction > 0:
         fit_rows, val_rows = validation_split(y, config.validation_fraction)
         x_fit, y_fit, x_val, y_val = x[fit_rows], y[fit_rows], x[val_rows], y[val_rows]
@@ -235,7 +225,8 @@ def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
     if x_val is not None:
         x_val, y_val = x_val.to(device), y_val.to(device)
     seeds = [config.seed * config.restarts + r for r in range(config.restarts)]
-    runs = [Training(NeuroGraph(replace(config, seed=s), x.shape[1]).to(device), x_fit, y_fit) for s in seeds]
+    runs = [Training(NeuroGraph(replace(config, seed=s), x.shape[1], dtype=dtype).to(device), x_fit, y_fit)
+            for s in seeds]
     histories: list[list[dict[str, Any]]] = [[] for _ in runs]
     best: list[tuple[float, int, dict[str, torch.Tensor]] | None] = [None] * len(runs)
 

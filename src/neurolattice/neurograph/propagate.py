@@ -1,29 +1,34 @@
 """The NeuroGraph network and its fast path: every active node of a batch advances together.
 
-State of an active node ``v`` of sample ``b``: context indices ``cP in Z_N^D``,
-``cA in [0, M)^D`` and a strength. One timestep, for all active ``(b, u)`` pairs at once:
+State of a batch: its active ``(sample, node)`` pairs (:class:`Active`: flat index ``b * n + u``,
+context indices ``cP in Z_N^D``, ``cA in [0, M)^D``, a strength), from the input nodes whose
+strength is ``>= tau`` (:func:`initial_active`). One timestep, for all active pairs at once:
 
-1. Radiation: ``score(u, v) = sum_d cos(2 pi (cP_u[d] + P_v[d]) / N)``. By
-   ``cos(a + b) = cos a cos b - sin a sin b`` the scores of all active rows against all
+1. Radiation (:func:`radiation_targets`): ``score(u, v) = sum_d cos(2 pi (cP_u[d] + P_v[d]) / N)``.
+   By ``cos(a + b) = cos a cos b - sin a sin b`` the scores of all active rows against all
    nodes are one matrix product ``[A, 2D] @ [2D, n]`` (float64, in blocks of rows so memory
    stays bounded), masked (``u`` itself and its static targets) and cut to the top ``k``.
    Ties: scores are snapped to a grid of ``2^-S`` (:func:`score_keys`) and equal ones go to
    the lower node index, so the reference's direct cosine sums pick the same targets.
-2. Messages to the static targets and the radiation targets: ``mP = (cP_u + P_v) mod N``,
-   ``mA = clamp(cA_u + A_v, 0, M-1)``, strength ``sum_d s(mP, mA)`` (float64); those with
-   strength ``<= 0`` are dropped.
-3. Arrivals (scatter-add over the flat index ``b * n + v``): a node that receives messages
-   takes ``cP = (sum mP) mod N``, ``cA = clamp(sum mA, 0, M-1)``; one that receives none keeps
-   its context. Strength ``s' = gamma * s + sum of arriving strengths``.
-4. A node is active after the step if ``s' >= tau``; an active output node stays active.
-5. A sample stops after step ``t`` once ``t >= t_min`` and an output node is active, at
-   ``t = T_max``, or when it has no active node; its pairs drop out of the batch.
+2. Messages (:func:`messages`) to the static targets and the radiation targets:
+   ``mP = (cP_u + P_v) mod N``, ``mA = clamp(cA_u + A_v, 0, M-1)``, strength
+   ``sum_d s(mP, mA)`` (float64); those with strength ``<= 0`` are dropped.
+3. Arrivals (:func:`arrivals`, a scatter-add over the flat index ``b * n + v``): strength
+   ``s' = gamma * s + sum of arriving strengths``, and the sums of the arriving ``mP``, ``mA``.
+4. Activity (:func:`next_active`): a pair is active after the step if ``s' >= tau``; an active
+   output node stays active. One that received messages takes ``cP = (sum mP) mod N``,
+   ``cA = clamp(sum mA, 0, M-1)``; one that received none keeps its context.
+5. Stopping (:func:`stopping`): a sample stops after step ``t`` once ``t >= t_min`` and an
+   output node is active, at ``t = T_max``, or when it has no active node; its pairs drop out
+   of the batch and what the readout needs of them is kept (:func:`stopped_fields`).
 
 Gradients (``grad=True``): beside the integer indices, float *carriers* equal to them in value
 carry gradients (a straight-through estimator): a message's carrier is ``fP_u + P_v`` (so
 ``d cP_v / d cP_u = 1`` and ``d cP_v / d P_v`` counts the arrivals), ``mod N`` passes the
 gradient through, a clamp that bites stops it. :func:`neurolattice.neurograph.tables.signal`
-turns carriers into signals with the table derivatives.
+turns carriers into signals with the table derivatives. The carriers travel beside the indices
+in the same containers (``fP``, ``fA`` of :class:`Active`, :class:`Messages`, :class:`Arrivals`;
+None without gradients), so they are filtered with them.
 
 Shapes: ``x`` ``[B, F]``; outputs of :meth:`NeuroGraph.forward`: logits ``[B, C]``.
 """
@@ -221,105 +226,217 @@ def radiation_targets(net: NeuroGraph, nodes: torch.Tensor, cP: torch.Tensor) ->
     return out
 
 
-def propagate(net: NeuroGraph, inputs: InputState, grad: bool = False, record: bool = False) -> Run:
-    """Run the timesteps of the module docstring for a batch. ``grad``: build the carriers'
-    autograd graph (gradients reach ``inputs``' carriers and ``Run.node_P``/``node_A``);
-    ``record``: keep every step's state in ``Run.trace``."""
-    c, g = net.config, net.graph
-    n, D, dev = c.n, c.D, net.P.device
+@dataclass
+class Active:
+    """The active ``(sample, node)`` pairs of a batch; :meth:`select` filters every field alike.
+
+    - ``rows`` ``[A]``: flat index ``b * n + u``, ascending.
+    - ``cP``, ``cA`` ``[A, D]`` int64: context indices; ``s`` ``[A]`` float64: strength.
+    - ``fP``, ``fA`` ``[A, D]`` (``net.dtype``): carriers of ``cP``, ``cA`` (equal in value,
+      gradients flow through them), or None when no gradients are built.
+    """
+
+    rows: torch.Tensor
+    cP: torch.Tensor
+    cA: torch.Tensor
+    s: torch.Tensor
+    fP: torch.Tensor | None = None
+    fA: torch.Tensor | None = None
+
+    def select(self, keep: torch.Tensor) -> Active:
+        """The pairs where ``keep`` (bool ``[A]``) holds."""
+        fields = (self.rows, self.cP, self.cA, self.s, self.fP, self.fA)
+        return Active(*(None if f is None else f[keep] for f in fields))
+
+    def readout_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, A)`` ``[A, D]`` for the readout: the carriers with gradients, else the indices."""
+        return (self.cP, self.cA) if self.fP is None else (self.fP, self.fA)
+
+
+@dataclass
+class Messages:
+    """One step's messages with strength ``> 0``, by sender row, then target (static targets
+    first, then radiation ones).
+
+    - ``tgt`` ``[E]``: flat index ``b * n + v`` of the receiving pair.
+    - ``mP``, ``mA`` ``[E, D]`` int64; ``s`` ``[E]`` float64: ``sum_d s(mP, mA)``.
+    - ``fP``, ``fA`` ``[E, D]``: carriers ``fP_u + P_v`` and ``fA_u + A_v`` (no gradient where the
+      clamp of ``mA`` bit), or None.
+    """
+
+    tgt: torch.Tensor
+    mP: torch.Tensor
+    mA: torch.Tensor
+    s: torch.Tensor
+    fP: torch.Tensor | None
+    fA: torch.Tensor | None
+
+
+@dataclass
+class Arrivals:
+    """Step 3 for every pair of the batch (``B * n`` rows, flat index ``b * n + v``).
+
+    - ``received`` ``[B * n]`` bool: at least one message arrived.
+    - ``s`` ``[B * n]`` float64: ``s' = gamma * s + sum of arriving strengths`` (``s = 0`` for
+      a pair that was not active).
+    - ``sum_P``, ``sum_A`` ``[B * n, D]`` int64: sums of the arriving ``mP``, ``mA`` (0 if none).
+    - ``fP``, ``fA`` ``[B * n, D]``: sums of the arriving carriers, or None.
+    """
+
+    received: torch.Tensor
+    s: torch.Tensor
+    sum_P: torch.Tensor
+    sum_A: torch.Tensor
+    fP: torch.Tensor | None
+    fA: torch.Tensor | None
+
+
+def initial_active(net: NeuroGraph, inputs: InputState, grad: bool) -> Active:
+    """The state at ``t = 0``: input node ``i`` of sample ``b`` is pair ``b * n + i`` with the
+    projected indices (and their carriers if ``grad``), kept where its strength is ``>= tau``."""
+    c, dev = net.config, inputs.P.device
     B = inputs.P.shape[0]
-    t64 = net.tables(torch.float64)
+    rows = (torch.arange(B, device=dev)[:, None] * c.n + torch.arange(c.n_input, device=dev)).flatten()
+    s = inputs.strength.reshape(-1).to(torch.float64)
+    every = Active(rows, inputs.P.reshape(-1, c.D), inputs.A.reshape(-1, c.D), s,
+                   inputs.carrier_P.reshape(-1, c.D) if grad else None,
+                   inputs.carrier_A.reshape(-1, c.D) if grad else None)
+    return every.select(s >= c.tau)
+
+
+def messages(net: NeuroGraph, act: Active, radiation: torch.Tensor, node_P: torch.Tensor,
+             node_A: torch.Tensor) -> Messages:
+    """Step 2: every active pair ``(b, u)`` sends to its static targets and its ``radiation``
+    targets ``[A, k]`` (``-1`` pads) ``mP = (cP_u + P_v) mod N``, ``mA = clamp(cA_u + A_v, 0,
+    M-1)``, strength ``sum_d s(mP, mA)``; messages with strength ``<= 0`` are dropped. The
+    carriers add ``node_P``, ``node_A`` ``[n, D]`` (the float copies of ``P``, ``A``)."""
+    c, n = net.config, net.config.n
+    u = act.rows % n
+    targets = torch.cat([net.out_targets[u], radiation], 1)                  # (A, W + k)
+    src, col = (targets >= 0).nonzero(as_tuple=True)
+    v = targets[src, col]
+    mP = (act.cP[src] + net.P[v]).remainder(c.N)                             # (E, D)
+    mA_raw = act.cA[src] + net.A[v]
+    mA = mA_raw.clamp(0, c.M - 1)
+    mS = strength(net.tables(torch.float64).values(mP, mA))                  # (E,)
+    keep = mS > 0
+    src, v, mA_raw = src[keep], v[keep], mA_raw[keep]
+    fP = fA = None
+    if act.fP is not None:
+        fP = act.fP[src] + node_P[v]
+        fA = ste(act.fA[src] + node_A[v], mA[keep], (mA_raw >= 0) & (mA_raw <= c.M - 1))
+    return Messages(tgt=act.rows[src] // n * n + v, mP=mP[keep], mA=mA[keep], s=mS[keep], fP=fP, fA=fA)
+
+
+def arrivals(net: NeuroGraph, act: Active, msgs: Messages, size: int) -> Arrivals:
+    """Step 3: scatter-add ``msgs`` over the ``size = B * n`` pairs. ``s'`` adds ``gamma * s``
+    first, then the arriving strengths in message order (the reference adds them alike)."""
+    c, dev, tgt = net.config, act.rows.device, msgs.tgt
+    received = torch.zeros(size, dtype=torch.bool, device=dev)
+    received[tgt] = True
+    s = torch.zeros(size, dtype=torch.float64, device=dev)
+    s[act.rows] = c.gamma * act.s
+    s.index_add_(0, tgt, msgs.s)
+    sum_P = torch.zeros(size, c.D, dtype=torch.long, device=dev).index_add_(0, tgt, msgs.mP)
+    sum_A = torch.zeros(size, c.D, dtype=torch.long, device=dev).index_add_(0, tgt, msgs.mA)
+    fP = fA = None
+    if msgs.fP is not None:
+        zeros = torch.zeros(size, c.D, dtype=msgs.fP.dtype, device=dev)
+        fP, fA = zeros.index_add(0, tgt, msgs.fP), zeros.index_add(0, tgt, msgs.fA)
+    return Arrivals(received=received, s=s, sum_P=sum_P, sum_A=sum_A, fP=fP, fA=fA)
+
+
+def next_active(net: NeuroGraph, act: Active, arrived: Arrivals) -> Active:
+    """Step 4: the pairs active after the step (among those that were active or received
+    messages: ``s' >= tau``, or an active output node) and their contexts: ``cP = (sum mP) mod
+    N``, ``cA = clamp(sum mA, 0, M-1)`` where messages arrived, else (the pair was active) the
+    context it had."""
+    c, n = net.config, net.config.n
+    size, dev = len(arrived.s), act.rows.device
+    was = torch.zeros(size, dtype=torch.bool, device=dev)
+    was[act.rows] = True
+    stays = torch.zeros(size, dtype=torch.bool, device=dev)
+    stays[act.rows[net.graph.is_output(act.rows % n)]] = True
+    rows = ((was | arrived.received) & ((arrived.s >= c.tau) | stays)).nonzero().squeeze(1)
+    got = arrived.received[rows][:, None]
+    sum_P, sum_A = arrived.sum_P[rows], arrived.sum_A[rows]
+    old = torch.searchsorted(act.rows, rows).clamp(max=len(act.rows) - 1)    # its row in act, if it was active
+    cP = torch.where(got, sum_P.remainder(c.N), act.cP[old])
+    cA = torch.where(got, sum_A.clamp(0, c.M - 1), act.cA[old])
+    if arrived.fP is None:
+        return Active(rows, cP, cA, arrived.s[rows])
+    carry_P, carry_A = arrived.fP[rows], arrived.fA[rows]
+    keep_P, keep_A = act.fP[old], act.fA[old]
+    fP = torch.where(got, ste(carry_P, cP), keep_P)
+    fA = torch.where(got, ste(carry_A, cA, (sum_A >= 0) & (sum_A <= c.M - 1)), keep_A)
+    return Active(rows, cP, cA, arrived.s[rows], fP, fA)
+
+
+def stopping(net: NeuroGraph, act: Active, running: torch.Tensor, t: int) -> torch.Tensor:
+    """Step 5: ``[B]`` bool, the ``running`` samples that stop after step ``t``: ``t >= t_min``
+    and an output node active, or no active node, or ``t = T_max``."""
+    c, n = net.config, net.config.n
+    sample = act.rows // n
+    has_out = torch.zeros_like(running)
+    has_out[sample[net.graph.is_output(act.rows % n)]] = True
+    alive = torch.zeros_like(running)
+    alive[sample] = True
+    return running & (((t >= c.t_min) & has_out) | ~alive | (t == c.T_max))
+
+
+def stopped_fields(net: NeuroGraph, stopped: list[Active], B: int) -> dict[str, torch.Tensor]:
+    """The :class:`Run` fields of the pairs active when their sample stopped (``stopped``: one
+    :class:`Active` per stopping step): ``out_P``, ``out_A`` ``[B, n_output, D]`` (0 where the
+    output node was not active), ``out_active``, and ``hidden_sample``, ``hidden_P``,
+    ``hidden_A`` of the active hidden nodes."""
+    c, n, D = net.config, net.config.n, net.config.D
+    rows = torch.cat([f.rows for f in stopped])
+    indices = [f.readout_indices() for f in stopped]
+    P = torch.cat([p for p, _ in indices]).to(net.dtype)                     # (R, D)
+    A = torch.cat([a for _, a in indices]).to(net.dtype)
+    outs, hidden = net.graph.is_output(rows % n), net.graph.is_hidden(rows % n)
+    slot = rows[outs] // n * c.n_output + rows[outs] % n - (n - c.n_output)  # b * n_output + output index
+    out_P = torch.zeros(B * c.n_output, D, dtype=net.dtype, device=rows.device).index_copy(0, slot, P[outs])
+    out_A = torch.zeros(B * c.n_output, D, dtype=net.dtype, device=rows.device).index_copy(0, slot, A[outs])
+    out_active = torch.zeros(B * c.n_output, dtype=torch.bool, device=rows.device)
+    out_active[slot] = True
+    return {"out_P": out_P.view(B, c.n_output, D), "out_A": out_A.view(B, c.n_output, D),
+            "out_active": out_active.view(B, c.n_output), "hidden_sample": rows[hidden] // n,
+            "hidden_P": P[hidden], "hidden_A": A[hidden]}
+
+
+def propagate(net: NeuroGraph, inputs: InputState, grad: bool = False, record: bool = False) -> Run:
+    """Run the timesteps of the module docstring for a batch, steps 1-5 for all running samples
+    at once. ``grad``: build the carriers' autograd graph (gradients reach ``inputs``' carriers
+    and ``Run.node_P``/``node_A``); ``record``: keep every step's state in ``Run.trace``."""
+    c = net.config
+    B = inputs.P.shape[0]
     node_P = net.P.to(net.dtype).requires_grad_(grad)
     node_A = net.A.to(net.dtype).requires_grad_(grad)
-    is_out = g.is_output(torch.arange(n, device=dev)).repeat(B)               # (B*n,)
-    is_hidden = g.is_hidden(torch.arange(n, device=dev)).repeat(B)
-
-    act = (torch.arange(B, device=dev)[:, None] * n + torch.arange(c.n_input, device=dev)).flatten()
-    cP, cA = inputs.P.reshape(-1, D), inputs.A.reshape(-1, D)
-    s = inputs.strength.reshape(-1).to(torch.float64)
-    fP = fA = None
-    if grad:
-        fP, fA = inputs.carrier_P.reshape(-1, D), inputs.carrier_A.reshape(-1, D)
-    live = s >= c.tau
-    act, cP, cA, s = act[live], cP[live], cA[live], s[live]
-    if grad:
-        fP, fA = fP[live], fA[live]
-
-    running = torch.ones(B, dtype=torch.bool, device=dev)
-    steps = torch.zeros(B, dtype=torch.long, device=dev)
-    activity, trace, finals = [], [], []
+    act = initial_active(net, inputs, grad)
+    running = torch.ones(B, dtype=torch.bool, device=net.P.device)
+    steps = torch.zeros(B, dtype=torch.long, device=net.P.device)
+    activity, trace, stopped = [], [], []
     for t in range(1, c.T_max + 1):
-        u = act % n
-        rad = radiation_targets(net, u, cP)                                    # (A, k)
-        targets = torch.cat([net.out_targets[u], rad], 1)                      # (A, W + k)
-        src, col = (targets >= 0).nonzero(as_tuple=True)
-        v = targets[src, col]
-        mP = (cP[src] + net.P[v]).remainder(c.N)
-        mA_raw = cA[src] + net.A[v]
-        mA = mA_raw.clamp(0, c.M - 1)
-        mS = strength(t64.values(mP, mA))
-        keep = mS > 0
-        src, v, mP, mA, mA_raw, mS = src[keep], v[keep], mP[keep], mA[keep], mA_raw[keep], mS[keep]
-        tgt = act[src] // n * n + v                                            # flat b * n + v
-
-        was = torch.zeros(B * n, dtype=torch.bool, device=dev)
-        was[act] = True
-        got = torch.zeros(B * n, dtype=torch.bool, device=dev)
-        got[tgt] = True
-        dense_s = torch.zeros(B * n, dtype=torch.float64, device=dev)
-        dense_s[act] = c.gamma * s
-        dense_s.index_add_(0, tgt, mS)
-        new = (was | got) & ((dense_s >= c.tau) | (is_out & was))
-        new_act = new.nonzero().squeeze(1)
-        arrived = got[new_act]
-        sum_P = torch.zeros(B * n, D, dtype=torch.long, device=dev).index_add_(0, tgt, mP)[new_act]
-        sum_A = torch.zeros(B * n, D, dtype=torch.long, device=dev).index_add_(0, tgt, mA)[new_act]
-        old = torch.searchsorted(act, new_act).clamp(max=max(len(act) - 1, 0))  # row in act (if was active)
-        new_cP = torch.where(arrived[:, None], sum_P.remainder(c.N), cP[old] if len(act) else sum_P)
-        new_cA = torch.where(arrived[:, None], sum_A.clamp(0, c.M - 1), cA[old] if len(act) else sum_A)
-        if grad:
-            zeros = torch.zeros(B * n, D, dtype=net.dtype, device=dev)
-            msg_A = ste(fA[src] + node_A[v], mA, (mA_raw >= 0) & (mA_raw <= c.M - 1))
-            carry_P = zeros.index_add(0, tgt, fP[src] + node_P[v])[new_act]
-            carry_A = zeros.index_add(0, tgt, msg_A)[new_act]
-            in_range = (sum_A >= 0) & (sum_A <= c.M - 1)
-            keep_P, keep_A = (fP[old], fA[old]) if len(act) else (carry_P, carry_A)
-            fP = torch.where(arrived[:, None], ste(carry_P, new_cP), keep_P)
-            fA = torch.where(arrived[:, None], ste(carry_A, new_cA, in_range), keep_A)
+        rad = radiation_targets(net, act.rows % c.n, act.cP)                  # 1. (A, k)
+        msgs = messages(net, act, rad, node_P, node_A)                        # 2. (E, ...)
+        new = next_active(net, act, arrivals(net, act, msgs, B * c.n))        # 3. (B * n, ...), 4. (A', ...)
         if record:
-            trace.append({"rows": act, "radiation": rad, "act": new_act, "cP": new_cP, "cA": new_cA,
-                          "s": dense_s[new_act]})
-        act, cP, cA, s = new_act, new_cP, new_cA, dense_s[new_act]
-        sample = act // n
+            trace.append({"rows": act.rows, "radiation": rad, "act": new.rows, "cP": new.cP, "cA": new.cA,
+                          "s": new.s})
+        act = new
         steps[running] = t
-        activity.append(torch.bincount(sample, minlength=B) * running)
-        has_out = torch.zeros(B, dtype=torch.bool, device=dev)
-        has_out[sample[is_out[act]]] = True
-        alive = torch.zeros(B, dtype=torch.bool, device=dev)
-        alive[sample] = True
-        stop = running & (((t >= c.t_min) & has_out) | ~alive | (t == c.T_max))
+        activity.append(torch.bincount(act.rows // c.n, minlength=B) * running)
+        stop = stopping(net, act, running, t)                                  # 5. (B,)
         if stop.any():
-            leaving = stop[sample]
-            finals.append((act[leaving], fP[leaving] if grad else cP[leaving], fA[leaving] if grad else cA[leaving]))
+            leaving = stop[act.rows // c.n]
+            stopped.append(act.select(leaving))
+            act = act.select(~leaving)
             running &= ~stop
-            keep_rows = ~leaving
-            act, cP, cA, s = act[keep_rows], cP[keep_rows], cA[keep_rows], s[keep_rows]
-            if grad:
-                fP, fA = fP[keep_rows], fA[keep_rows]
         if not running.any():
             break
-
-    done = torch.cat([f[0] for f in finals])
-    done_P = torch.cat([f[1] for f in finals]).to(net.dtype)
-    done_A = torch.cat([f[2] for f in finals]).to(net.dtype)
-    outs, hidden = is_out[done], is_hidden[done]
-    slot = (done[outs] // n) * c.n_output + done[outs] % n - (n - c.n_output)
-    out_P = torch.zeros(B * c.n_output, D, dtype=net.dtype, device=dev).index_copy(0, slot, done_P[outs])
-    out_A = torch.zeros(B * c.n_output, D, dtype=net.dtype, device=dev).index_copy(0, slot, done_A[outs])
-    out_active = torch.zeros(B * c.n_output, dtype=torch.bool, device=dev)
-    out_active[slot] = True
-    return Run(out_P.view(B, c.n_output, D), out_A.view(B, c.n_output, D), out_active.view(B, c.n_output),
-               done[hidden] // n, done_P[hidden], done_A[hidden], steps, torch.stack(activity), node_P, node_A, trace)
+    return Run(**stopped_fields(net, stopped, B), steps=steps, activity=torch.stack(activity),
+               node_P=node_P, node_A=node_A, trace=trace)
 
 
 def output_signal(net: NeuroGraph, run: Run) -> torch.Tensor:

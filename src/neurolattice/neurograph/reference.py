@@ -153,12 +153,13 @@ def reference_propagate(net: NeuroGraph, inputs: InputState, grad: bool = False,
     T = max(steps_taken)
     activity_t = torch.tensor([row + [0] * (T - len(row)) for row in activity]).T
     trace = [_trace_step(per_step[t], n, D, min(c.k, n - 1)) for t in sorted(per_step)] if record else []
-    return Run(torch.stack([torch.stack(r) for r in out_P]).to(net.dtype),
-               torch.stack([torch.stack(r) for r in out_A]).to(net.dtype), out_active,
-               torch.tensor([h[0] for h in hidden], dtype=torch.long),
-               torch.stack([h[1] for h in hidden]).to(net.dtype) if hidden else torch.zeros(0, D, dtype=net.dtype),
-               torch.stack([h[2] for h in hidden]).to(net.dtype) if hidden else torch.zeros(0, D, dtype=net.dtype),
-               torch.tensor(steps_taken), activity_t, node_P, node_A, trace)
+    no_hidden = torch.zeros(0, D, dtype=net.dtype)
+    return Run(out_P=torch.stack([torch.stack(r) for r in out_P]).to(net.dtype),
+               out_A=torch.stack([torch.stack(r) for r in out_A]).to(net.dtype), out_active=out_active,
+               hidden_sample=torch.tensor([h[0] for h in hidden], dtype=torch.long),
+               hidden_P=torch.stack([h[1] for h in hidden]).to(net.dtype) if hidden else no_hidden,
+               hidden_A=torch.stack([h[2] for h in hidden]).to(net.dtype) if hidden else no_hidden,
+               steps=torch.tensor(steps_taken), activity=activity_t, node_P=node_P, node_A=node_A, trace=trace)
 
 
 def _trace_step(entries: list, n: int, D: int, k: int) -> dict[str, torch.Tensor]:
