@@ -23,21 +23,21 @@ from neurolattice import __version__
 SYSTEMS: dict[str, tuple[str, dict[str, str]]] = {
     "lattice": ("the 3D lattice MoE network", {
         "train": "neurolattice.lattice.commands:Train", "eval": "neurolattice.lattice.commands:Eval",
-        "show": "neurolattice.lattice.commands:Show", "bench": "neurolattice.lattice.bench",
-        "bench-train": "neurolattice.lattice.bench_train",
+        "show": "neurolattice.lattice.commands:Show", "bench": "neurolattice.lattice.bench:COMMAND",
+        "bench-train": "neurolattice.lattice.bench_train:COMMAND",
     }),
     "lm": ("a small decoder LM trained data-parallel", {
         "train": "neurolattice.lm.commands:Train", "eval": "neurolattice.lm.commands:Eval",
-        "sample": "neurolattice.lm.commands:Sample", "bench": "neurolattice.lm.bench",
+        "sample": "neurolattice.lm.commands:Sample", "bench": "neurolattice.lm.bench:COMMAND",
     }),
     "bem": ("routed low-rank adapters (BEM) for Hugging Face causal LMs", {
         "train": "neurolattice.bem.commands:Train", "eval": "neurolattice.bem.commands:Eval",
         "generate": "neurolattice.bem.commands:Generate", "experiment": "neurolattice.bem.study",
-        "bench": "neurolattice.bem.bench",
+        "bench": "neurolattice.bem.bench:COMMAND",
     }),
     "neurograph": ("the discrete phase-signal graph", {
         "train": "neurolattice.neurograph.commands:Train", "eval": "neurolattice.neurograph.commands:Eval",
-        "show": "neurolattice.neurograph.commands:Show", "bench": "neurolattice.neurograph.bench",
+        "show": "neurolattice.neurograph.commands:Show", "bench": "neurolattice.neurograph.bench:COMMAND",
     }),
 }
 

@@ -16,12 +16,13 @@ import torch
 from neurolattice.bench.harness import cpu_model
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, default: str = "auto") -> None:
-    """``--device`` (default ``default``) and ``--threads``."""
+def add_device_arguments(parser: argparse.ArgumentParser, default: str = "auto", threads: bool = True) -> None:
+    """``--device`` (default ``default``) and, unless ``threads`` is False, ``--threads``."""
     parser.add_argument("--device", default=default,
                         help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch threads on the CPU (default: torch's, one per core)")
+    if threads:
+        parser.add_argument("--threads", type=int, metavar="N",
+                            help="torch threads on the CPU (default: torch's, one per core)")
 
 
 def check_device(name: str) -> torch.device:
@@ -32,7 +33,7 @@ def check_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise ValueError(f"--device must be a torch device such as cpu or cuda, got {name!r}") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda":

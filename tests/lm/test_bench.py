@@ -18,9 +18,9 @@ SHRUNK = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    bench.COMMAND.add_arguments(parser)
     args = parser.parse_args(list(argv))
-    bench.check(args)
+    bench.COMMAND.check(args)
     return args
 
 
@@ -47,7 +47,7 @@ def test_one_process_through_the_command(tmp_path, capsys):
     out = tmp_path / "lm_bench.json"
     args = parse("--processes", "1", "--batch-size", "4", "--micro-batch-size", "1", "--seq-len", "32",
                  "--steps", "2", "--warmup", "1", "--peak-size", "256", "--json", str(out), *SHRUNK)
-    assert bench.run(args) == 0
+    assert bench.COMMAND.run(args) == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 1
     check_row(rows[0], processes=1)

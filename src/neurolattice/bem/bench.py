@@ -27,15 +27,14 @@ import argparse
 import copy
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from neurolattice.bench.harness import machine_info, run_isolated, synchronize
-from neurolattice.bench.report import Column, Results, Table, format_bytes, format_machine
+from neurolattice.bench.harness import run_isolated, synchronize
+from neurolattice.bench.report import Benchmark, Column, Table, check_at_least, format_bytes, make_row
 from neurolattice.lm.config import PRESETS, LMConfig
 from neurolattice.lm.model import build_model, cache_keyword, find_cache
 
@@ -43,19 +42,10 @@ from .attach import attach
 from .config import TABLES, BEMConfig
 from .peers import static_lora, x_lora
 
-HELP = "prefill and per-token decode latency and peak memory: base vs static LoRA (PEFT) vs BEM vs X-LoRA"
 METHODS = ("base", "lora", "bem-token", "bem-chunk", "bem-prefix", "xlora")
 CONFIGS = ((1, 128), (4, 256), (8, 512), (2, 2048))
 PROMPT = 128  # tokens prefilled before the timed decode steps
 ROW_KEYS = ("method", "phase", "batch", "seq", "ms", "tokens_per_s", "vs_lora", "peak_mem_bytes", "status")
-DEFAULT_JSON = "results/bem_bench.json"
-TABLE = Table([
-    Column("method", "method", 10, align="<"), Column("phase", "phase", 7, align="<"),
-    Column("batch", "batch", 5), Column("seq", "seq", 5), Column("ms", "ms", 9, lambda v: f"{v:.2f}"),
-    Column("tokens_per_s", "tokens/s", 9, lambda v: f"{v:,.0f}"),
-    Column("vs_lora", "vs lora", 7, lambda v: f"{v:.3f}x"),
-    Column("peak_mem_bytes", "peak mem", 9, format_bytes), Column("status", "status", 6, align="<"),
-])
 
 
 def base_model(preset: str, max_positions: int, device: str) -> nn.Module:
@@ -142,12 +132,13 @@ def measure_memory(method: str, preset: str, batch: int, seq: int, rank: int, de
     return {}
 
 
-def run_bench(preset: str, configs: list[tuple[int, int]], methods: list[str], rank: int, repeats: int,
-              decode_tokens: int, device: str, memory: bool,
-              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+def bench_rows(preset: str, configs: list[tuple[int, int]], methods: list[str], rank: int, repeats: int,
+               decode_tokens: int, device: str, memory: bool) -> Iterator[dict[str, Any]]:
+    """The rows of every phase, a prefill per ``(batch, seq)`` of ``configs`` then the decode (none
+    if ``decode_tokens`` is 0), each phase's rows once all its methods are timed; ``memory``:
+    measure the prefills' peak memory too."""
     longest = max([s for _, s in configs] + [PROMPT + decode_tokens])
     base = base_model(preset, longest, device)
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         models, unbuilt = {}, {}
         for method in methods:
@@ -156,7 +147,7 @@ def run_bench(preset: str, configs: list[tuple[int, int]], methods: list[str], r
             except Exception as err:  # a peer that does not run here: say why, go on
                 unbuilt[method] = _skipped(err)
         phases = [("prefill", b, s) for b, s in configs] + ([("decode", 1, PROMPT)] if decode_tokens else [])
-        for phase, batch, seq in tqdm(phases, desc="bem bench", unit="config", disable=None, leave=False):
+        for phase, batch, seq in phases:
             torch.manual_seed(2)
             ids = torch.randint(0, 256, (batch, seq), device=device)
             calls, failed = {}, dict(unbuilt)
@@ -171,61 +162,66 @@ def run_bench(preset: str, configs: list[tuple[int, int]], methods: list[str], r
             ms = timed_rounds(calls, repeats, device)
             per = decode_tokens if phase == "decode" else 1
             for method in methods:
-                row = {"method": method, "phase": phase, "batch": batch, "seq": seq, "ms": None,
-                       "tokens_per_s": None, "vs_lora": None, "peak_mem_bytes": None,
-                       "status": failed.get(method, "ok")}
-                if method in ms:
-                    row["ms"] = ms[method] / per
-                    row["tokens_per_s"] = batch * (1 if phase == "decode" else seq) * 1000 / row["ms"]
-                    row["vs_lora"] = ms[method] / ms["lora"] if "lora" in ms else None
-                    if memory and phase == "prefill":
-                        row["peak_mem_bytes"] = run_isolated(
-                            f"{__name__}:measure_memory", {"method": method, "preset": preset, "batch": batch,
-                                                           "seq": seq, "rank": rank, "device": device},
-                            device=device, imports=["transformers", "peft"])["peak_mem_bytes"]
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
-    return rows
+                row = dict(method=method, phase=phase, batch=batch, seq=seq, status=failed.get(method, "ok"))
+                if method not in ms:
+                    yield make_row(ROW_KEYS, **row)
+                    continue
+                row["ms"] = ms[method] / per
+                row["tokens_per_s"] = batch * (1 if phase == "decode" else seq) * 1000 / row["ms"]
+                row["vs_lora"] = ms[method] / ms["lora"] if "lora" in ms else None
+                if memory and phase == "prefill":
+                    row["peak_mem_bytes"] = run_isolated(
+                        f"{__name__}:measure_memory", {"method": method, "preset": preset, "batch": batch,
+                                                       "seq": seq, "rank": rank, "device": device},
+                        device=device, imports=["transformers", "peft"])["peak_mem_bytes"]
+                yield make_row(ROW_KEYS, **row)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="small", choices=list(PRESETS), help="base model size (default: small)")
-    parser.add_argument("--configs", nargs="+", default=[f"{b}x{s}" for b, s in CONFIGS], metavar="BxT",
-                        help="prefill (batch x seq) configs (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all")
-    parser.add_argument("--rank", type=int, default=8, help="adapter rank (default: 8)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default: 5)")
-    parser.add_argument("--decode-tokens", type=int, default=32,
-                        help="decode steps timed after a 128-token prompt, 0: no decode row (default: 32)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (fresh processes)")
-    parser.add_argument("--json", default=DEFAULT_JSON, help="rows written here (default %(default)s)")
+class BEMBench(Benchmark):
+    """The command: :func:`bench_rows` of the options."""
+
+    HELP = "prefill and per-token decode latency and peak memory: base vs static LoRA (PEFT) vs BEM vs X-LoRA"
+    DEFAULT_JSON = "results/bem_bench.json"
+    TABLE = Table([
+        Column("method", "method", 10, align="<"), Column("phase", "phase", 7, align="<"),
+        Column("batch", "batch", 5), Column("seq", "seq", 5), Column("ms", "ms", 9, lambda v: f"{v:.2f}"),
+        Column("tokens_per_s", "tokens/s", 9, lambda v: f"{v:,.0f}"),
+        Column("vs_lora", "vs lora", 7, lambda v: f"{v:.3f}x"),
+        Column("peak_mem_bytes", "peak mem", 9, format_bytes), Column("status", "status", 6, align="<"),
+    ])
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--preset", default="small", choices=list(PRESETS),
+                            help="base model size (default: small)")
+        parser.add_argument("--configs", nargs="+", default=[f"{b}x{s}" for b, s in CONFIGS], metavar="BxT",
+                            help="prefill (batch x seq) configs (default: %(default)s)")
+        parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all")
+        parser.add_argument("--rank", type=int, default=8, help="adapter rank (default: 8)")
+        parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default: 5)")
+        parser.add_argument("--decode-tokens", type=int, default=32,
+                            help="decode steps timed after a 128-token prompt, 0: no decode row (default: 32)")
+        parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (fresh processes)")
+
+    def check_options(self, args: argparse.Namespace) -> None:
+        """Also parses ``--configs`` into ``(batch, seq)`` pairs."""
+        try:
+            args.configs = [tuple(int(v) for v in c.lower().split("x")) for c in args.configs]
+        except ValueError:
+            raise ValueError(f"--configs must be BxT pairs such as 4x256, got {args.configs}") from None
+        if any(len(c) != 2 or min(c) < 1 for c in args.configs):
+            raise ValueError(f"--configs must be BxT pairs of positive integers, got {args.configs}")
+        check_at_least(args, 1, "rank", "repeats")
+        check_at_least(args, 0, "decode_tokens")
+
+    def intro(self, args: argparse.Namespace, machine: dict[str, Any]) -> str:
+        return f"base: the LM system's {args.preset} preset; adapters of rank {args.rank}"
+
+    def rows(self, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+        return bench_rows(args.preset, args.configs, args.methods, args.rank, args.repeats, args.decode_tokens,
+                          args.device, not args.no_memory)
+
+    def count(self, args: argparse.Namespace) -> int:
+        return len(args.methods) * (len(args.configs) + (1 if args.decode_tokens else 0))
 
 
-def check(args: argparse.Namespace) -> None:
-    try:
-        args.configs = [tuple(int(v) for v in c.lower().split("x")) for c in args.configs]
-    except ValueError:
-        raise ValueError(f"--configs must be BxT pairs such as 4x256, got {args.configs}") from None
-    if any(len(c) != 2 or min(c) < 1 for c in args.configs):
-        raise ValueError(f"--configs must be BxT pairs of positive integers, got {args.configs}")
-    for name in ("rank", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.decode_tokens < 0:
-        raise ValueError(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} asked for, but torch.cuda.is_available() is False")
-
-
-def run(args: argparse.Namespace) -> int:
-    machine = machine_info(args.device)
-    print(format_machine(machine), end="\n\n")
-    print(f"base: the LM system's {args.preset} preset; adapters of rank {args.rank}")
-    print(TABLE.header())
-    results = Results(TABLE, args.json, machine)
-    run_bench(args.preset, args.configs, args.methods, args.rank, args.repeats, args.decode_tokens,
-              args.device, not args.no_memory, on_row=results.add)
-    results.done()
-    return 0
+COMMAND = BEMBench()

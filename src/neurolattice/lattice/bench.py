@@ -28,37 +28,24 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from neurolattice.bench.harness import available_memory_bytes, machine_info, run_isolated, time_ms
-from neurolattice.bench.report import Column, Results, Table, format_bytes, format_machine
+from neurolattice.bench.harness import available_memory_bytes, run_isolated, time_ms
+from neurolattice.bench.report import Benchmark, Column, Table, check_at_least, format_bytes, make_row
 
 from .config import LatticeConfig
 from .geometry import lattice_geometry
 from .reference import reference_step
 from .step import LatticeMoE
 
-HELP = "time one lattice step: per-cell reference vs PyG peer vs fast path"
 METHODS = ("reference", "pyg", "fast")
 DEFAULT_SIZES = (10, 15, 30, 50, 100)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ROW_KEYS = ("method", "size", "ms_per_step", "cell_steps_per_s", "peak_mem_bytes", "scaled", "status")
 TIME_BUDGET_S = 10.0
-DEFAULT_JSON = "results/lattice_bench.json"
-
-TABLE = Table([
-    Column("method", "method", 9, align="<"),
-    Column("size", "size", 4),
-    Column("ms_per_step", "ms/step", 13, lambda v: f"{v:,.1f}"),
-    Column("cell_steps_per_s", "cell-steps/s", 12, lambda v: f"{v:,.0f}"),
-    Column("peak_mem_bytes", "peak mem", 9, format_bytes),
-    Column("scaled", "scaled", 6, lambda v: "yes" if v else "no"),
-    Column("status", "status", 6, align="<"),
-])
 
 
 def bench_config(size: int) -> LatticeConfig:
@@ -142,114 +129,78 @@ def measure(method: str, size: int, batch: int, dtype: str, device: str, repeats
         return {"ms_per_step": timed(lambda: model(states)), "scaled": False}
 
 
-def _row(method: str, size: int, **values: Any) -> dict[str, Any]:
-    row = {"method": method, "size": size, "ms_per_step": None, "cell_steps_per_s": None,
-           "peak_mem_bytes": None, "scaled": False, **values}
-    return {key: row[key] for key in ROW_KEYS}
-
-
 def bench_row(method: str, size: int, *, batch: int, dtype: str, device: str, repeats: int,
               reference_cells: int, threads: int | None = None) -> dict[str, Any]:
     """Measure one ``(method, size)`` in a fresh process, or say why it was skipped."""
+    def skipped(why: str) -> dict[str, Any]:
+        return make_row(ROW_KEYS, method=method, size=size, scaled=False, status=f"skipped: {why}")
+
     if method == "pyg" and importlib.util.find_spec("torch_geometric") is None:
-        return _row(method, size, status="skipped: torch_geometric not installed")
+        return skipped("torch_geometric not installed")
     need, have = estimate_bytes(method, size, batch, dtype), available_memory_bytes(device)
     if have is not None and need > have:
-        return _row(method, size, status=f"skipped: needs ~{need / 1e9:.1f} GB, have {have / 1e9:.1f} GB")
+        return skipped(f"needs ~{need / 1e9:.1f} GB, have {have / 1e9:.1f} GB")
     kwargs = dict(method=method, size=size, batch=batch, dtype=dtype, device=device,
                   repeats=repeats, reference_cells=reference_cells)
     try:
         result = run_isolated(f"{__name__}:measure", kwargs, device=device, threads=threads,
                               imports=["torch_geometric"] if method == "pyg" else [])
     except RuntimeError as err:
-        return _row(method, size, status=f"skipped: {err}")
+        return skipped(str(err))
     ms = result["ms_per_step"]
-    return _row(method, size, ms_per_step=ms, cell_steps_per_s=batch * size**3 * 1000.0 / ms,
-                peak_mem_bytes=result["peak_mem_bytes"], scaled=result["scaled"], status="ok")
+    return make_row(ROW_KEYS, method=method, size=size, ms_per_step=ms,
+                    cell_steps_per_s=batch * size**3 * 1000.0 / ms, peak_mem_bytes=result["peak_mem_bytes"],
+                    scaled=result["scaled"], status="ok")
 
 
-def check_options(sizes: Sequence[int], methods: Sequence[str], batch: int, dtype: str, device: str,
-                  repeats: int, reference_cells: int, threads: int | None = None) -> None:
-    """Raise a one-line ``ValueError`` on the first bad option."""
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"--sizes must be positive integers, got {list(sizes)}")
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise ValueError(f"--methods must be among {list(METHODS)}, got {list(methods)}")
-    for name, value in (("--batch", batch), ("--repeats", repeats), ("--reference-cells", reference_cells),
-                        ("--threads", threads)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device must be a torch device such as cpu or cuda, got {device!r}") from err
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but torch.cuda.is_available() is False")
+class LatticeBench(Benchmark):
+    """The command: every ``(size, method)`` of ``--sizes`` and ``--methods``, sizes outer."""
+
+    HELP = "time one lattice step: per-cell reference vs PyG peer vs fast path"
+    DEFAULT_JSON = "results/lattice_bench.json"
+    THREADS = True
+    TABLE = Table([
+        Column("method", "method", 9, align="<"),
+        Column("size", "size", 4),
+        Column("ms_per_step", "ms/step", 13, lambda v: f"{v:,.1f}"),
+        Column("cell_steps_per_s", "cell-steps/s", 12, lambda v: f"{v:,.0f}"),
+        Column("peak_mem_bytes", "peak mem", 9, format_bytes),
+        Column("scaled", "scaled", 6, lambda v: "yes" if v else "no"),
+        Column("status", "status", 6, align="<"),
+    ])
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+                            help="lattice sides n (n^3 cells), default %(default)s")
+        parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                            help="methods to time, default all")
+        parser.add_argument("--batch", type=int, default=1, help="batch size B (default %(default)s)")
+        parser.add_argument("--repeats", type=int, default=5,
+                            help=f"at most this many timed steps after one warm-up, fewer once "
+                                 f"{TIME_BUDGET_S:.0f} s are spent (default %(default)s)")
+        parser.add_argument("--reference-cells", type=int, default=32,
+                            help="cells the reference computes, its time scaled to the lattice "
+                                 "(default %(default)s)")
+        parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="default %(default)s")
+
+    def check_options(self, args: argparse.Namespace) -> None:
+        if not args.sizes or min(args.sizes) < 1:
+            raise ValueError(f"--sizes must be positive integers, got {list(args.sizes)}")
+        unknown = [m for m in args.methods if m not in METHODS]
+        if not args.methods or unknown:
+            raise ValueError(f"--methods must be among {list(METHODS)}, got {list(args.methods)}")
+        check_at_least(args, 1, "batch", "repeats", "reference_cells")
+        if args.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}")
+
+    def rows(self, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+        for size in args.sizes:
+            for method in args.methods:
+                yield bench_row(method, size, batch=args.batch, dtype=args.dtype, device=args.device,
+                                repeats=args.repeats, reference_cells=args.reference_cells, threads=args.threads)
+
+    def count(self, args: argparse.Namespace) -> int:
+        return len(args.sizes) * len(args.methods)
 
 
-def run_bench(sizes: Sequence[int] = DEFAULT_SIZES, methods: Sequence[str] = METHODS, *,
-              batch: int = 1, dtype: str = "float32", device: str = "cpu", repeats: int = 5,
-              reference_cells: int = 32, threads: int | None = None,
-              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Measure every ``(size, method)``, sizes outer, calling ``on_row(row)`` as each completes.
-    ``threads``: torch threads of the measuring processes (torch's default if None).
-    Returns the rows (keys :data:`ROW_KEYS`)."""
-    check_options(sizes, methods, batch, dtype, device, repeats, reference_cells, threads)
-    rows = []
-    tasks = [(size, method) for size in sizes for method in methods]
-    with tqdm(tasks, desc="lattice bench", unit="run", disable=None, leave=False) as bar:
-        for size, method in bar:
-            bar.set_postfix_str(f"{method} {size}^3")
-            rows.append(bench_row(method, size, batch=batch, dtype=dtype, device=device,
-                                  repeats=repeats, reference_cells=reference_cells, threads=threads))
-            if on_row is not None:
-                on_row(rows[-1])
-    return rows
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
-                        help="lattice sides n (n^3 cells), default %(default)s")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                        help="methods to time, default all")
-    parser.add_argument("--json", default=DEFAULT_JSON,
-                        help="rows written here as a JSON list (default %(default)s); the machine "
-                             "header goes beside it as <name>.machine.json")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--batch", type=int, default=1, help="batch size B (default %(default)s)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help=f"at most this many timed steps after one warm-up, fewer once "
-                             f"{TIME_BUDGET_S:.0f} s are spent (default %(default)s)")
-    parser.add_argument("--reference-cells", type=int, default=32,
-                        help="cells the reference computes, its time scaled to the lattice "
-                             "(default %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="default %(default)s")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (torch.set_num_threads) of the measuring processes; "
-                             "default: torch's own default")
-
-
-def check(args: argparse.Namespace) -> None:
-    """Raise a one-line ``ValueError`` if the parsed options are unusable."""
-    check_options(args.sizes, args.methods, args.batch, args.dtype, args.device, args.repeats,
-                  args.reference_cells, args.threads)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print the machine header and the table row by row; write the JSON after every row."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)    # so that the machine header reports it
-    machine = machine_info(args.device)
-    print(format_machine(machine), end="\n\n")
-    print(TABLE.header())
-    results = Results(TABLE, args.json, machine)
-    run_bench(args.sizes, args.methods, batch=args.batch, dtype=args.dtype, device=args.device,
-              repeats=args.repeats, reference_cells=args.reference_cells, threads=args.threads,
-              on_row=results.add)
-    results.done()
-    return 0
+COMMAND = LatticeBench()

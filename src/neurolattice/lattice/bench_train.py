@@ -9,32 +9,22 @@ default experiment's model (:data:`neurolattice.lattice.experiment.DEFAULTS`) un
 (:func:`neurolattice.bench.harness.run_isolated`): one warm-up step, then up to ``repeats``
 timed steps, median reported; ``peak_mem_bytes`` as in ``lattice bench``.
 
-JSON (``--json``): a list of rows with the keys of :data:`ROW_KEYS`.
+JSON (``--json``): a list of rows with the keys of :data:`ROW_KEYS`, the machine header beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from neurolattice.bench.harness import machine_info, run_isolated, time_ms
-from neurolattice.bench.report import Column, Results, Table, format_bytes, format_machine
+from neurolattice.bench.harness import run_isolated, time_ms
+from neurolattice.bench.report import Benchmark, Column, Table, check_at_least, format_bytes, make_row
 
-HELP = "time and memory of one training step for T = 4, 8, 16, with and without gradient checkpointing"
 ROW_KEYS = ("steps_T", "grad_checkpointing", "dims", "state_size", "batch", "ms_per_step",
             "samples_per_s", "peak_mem_bytes", "status")
-DEFAULT_JSON = "results/lattice_train_bench.json"
-TABLE = Table([
-    Column("steps_T", "T", 3),
-    Column("grad_checkpointing", "checkpointing", 13, lambda v: "yes" if v else "no"),
-    Column("ms_per_step", "ms/step", 10, lambda v: f"{v:,.1f}"),
-    Column("samples_per_s", "samples/s", 10, lambda v: f"{v:,.1f}"),
-    Column("peak_mem_bytes", "peak mem", 9, format_bytes),
-    Column("status", "status", 6, align="<"),
-])
 
 
 def measure(steps: int, grad_checkpointing: bool, dims: list[int], state_size: int, batch: int,
@@ -60,44 +50,60 @@ def measure(steps: int, grad_checkpointing: bool, dims: list[int], state_size: i
     return {"ms_per_step": time_ms(trainer.train_step, repeats=repeats, budget_s=20.0)}
 
 
-def run(args: argparse.Namespace) -> int:
-    machine = machine_info("cpu")
-    print(format_machine(machine), end="\n\n")
-    print(f"model: lattice {args.dims}, S = H = {args.state_size}, batch {args.batch}\n")
-    print(TABLE.header())
-    results = Results(TABLE, args.json, machine)
-    runs = [(t, ckpt) for t in args.steps for ckpt in (False, True)]
-    for t, ckpt in tqdm(runs, desc="train bench", unit="run", disable=None, leave=False):
-        row = {"steps_T": t, "grad_checkpointing": ckpt, "dims": args.dims, "state_size": args.state_size,
-               "batch": args.batch, "ms_per_step": None, "samples_per_s": None, "peak_mem_bytes": None}
-        try:
-            result = run_isolated(f"{__name__}:measure", dict(
-                steps=t, grad_checkpointing=ckpt, dims=args.dims, state_size=args.state_size,
-                batch=args.batch, repeats=args.repeats))
-            row |= {"ms_per_step": result["ms_per_step"], "samples_per_s": args.batch * 1000 / result["ms_per_step"],
-                    "peak_mem_bytes": result["peak_mem_bytes"], "status": "ok"}
-        except RuntimeError as err:
-            row["status"] = f"skipped: {err}"
-        results.add({k: row[k] for k in ROW_KEYS})
-    results.done()
-    return 0
+class LatticeTrainBench(Benchmark):
+    """The command: every ``T`` of ``--steps``, without then with checkpointing, on the CPU."""
+
+    HELP = "time and memory of one training step for T = 4, 8, 16, with and without gradient checkpointing"
+    DEFAULT_JSON = "results/lattice_train_bench.json"
+    DEVICE = False
+    TABLE = Table([
+        Column("steps_T", "T", 3),
+        Column("grad_checkpointing", "checkpointing", 13, lambda v: "yes" if v else "no"),
+        Column("ms_per_step", "ms/step", 10, lambda v: f"{v:,.1f}"),
+        Column("samples_per_s", "samples/s", 10, lambda v: f"{v:,.1f}"),
+        Column("peak_mem_bytes", "peak mem", 9, format_bytes),
+        Column("status", "status", 6, align="<"),
+    ])
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16],
+                            help="lattice steps T (default %(default)s)")
+        parser.add_argument("--dims", type=int, nargs=3, default=[12, 12, 6],
+                            help="lattice sides (default %(default)s)")
+        parser.add_argument("--state-size", type=int, default=16,
+                            help="S and every hidden size (default %(default)s)")
+        parser.add_argument("--batch", type=int, default=8, help="samples per training step (default %(default)s)")
+        parser.add_argument("--repeats", type=int, default=2,
+                            help="timed steps after one warm-up (default %(default)s)")
+
+    def check_options(self, args: argparse.Namespace) -> None:
+        if min(args.steps) < 0:
+            raise ValueError(f"--steps must be non-negative, got {args.steps}")
+        if min(args.dims) < 1:
+            raise ValueError(f"--dims must be positive, got {args.dims}")
+        check_at_least(args, 1, "state_size", "batch", "repeats")
+
+    def intro(self, args: argparse.Namespace, machine: dict[str, Any]) -> str:
+        return f"model: lattice {args.dims}, S = H = {args.state_size}, batch {args.batch}"
+
+    def rows(self, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+        for t in args.steps:
+            for ckpt in (False, True):
+                row = dict(steps_T=t, grad_checkpointing=ckpt, dims=args.dims, state_size=args.state_size,
+                           batch=args.batch)
+                try:
+                    result = run_isolated(f"{__name__}:measure", dict(
+                        steps=t, grad_checkpointing=ckpt, dims=args.dims, state_size=args.state_size,
+                        batch=args.batch, repeats=args.repeats))
+                except RuntimeError as err:
+                    yield make_row(ROW_KEYS, **row, status=f"skipped: {err}")
+                    continue
+                yield make_row(ROW_KEYS, **row, ms_per_step=result["ms_per_step"],
+                               samples_per_s=args.batch * 1000 / result["ms_per_step"],
+                               peak_mem_bytes=result["peak_mem_bytes"], status="ok")
+
+    def count(self, args: argparse.Namespace) -> int:
+        return 2 * len(args.steps)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16],
-                        help="lattice steps T (default %(default)s)")
-    parser.add_argument("--dims", type=int, nargs=3, default=[12, 12, 6], help="lattice sides (default %(default)s)")
-    parser.add_argument("--state-size", type=int, default=16, help="S and every hidden size (default %(default)s)")
-    parser.add_argument("--batch", type=int, default=8, help="samples per training step (default %(default)s)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up (default %(default)s)")
-    parser.add_argument("--json", default=DEFAULT_JSON, help="rows written here as a JSON list (default %(default)s)")
-
-
-def check(args: argparse.Namespace) -> None:
-    for name in ("steps", "dims"):
-        values = getattr(args, name)
-        if min(values) < (0 if name == "steps" else 1):
-            raise ValueError(f"--{name} must be {'non-negative' if name == 'steps' else 'positive'}, got {values}")
-    for name in ("state_size", "batch", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+COMMAND = LatticeTrainBench()

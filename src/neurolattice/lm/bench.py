@@ -39,10 +39,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from neurolattice.bench.harness import machine_info, run_isolated, time_ms
-from neurolattice.bench.report import Column, Results, Table, format_machine
+from neurolattice.bench.harness import run_isolated, time_ms
+from neurolattice.bench.report import Benchmark, Column, Table, check_at_least, make_row
 from neurolattice.config import parse_overrides
 from neurolattice.train import TrainConfig, Trainer, distributed, seed_everything
 
@@ -51,28 +50,11 @@ from .data import ByteTokenizer, LMData, PackedDataset
 from .model import build_model, count_parameters, flops_per_token
 from .task import LMTask
 
-HELP = "training throughput (tokens/s) and MFU of the LM on 1 and 2 data-parallel processes"
 ROW_KEYS = ("preset", "processes", "threads_per_process", "device", "precision", "global_batch", "micro_batch",
             "accum_steps", "seq_len", "tokens_per_step", "matmul_params", "model_flops_per_token",
             "ms_per_step", "tokens_per_s", "achieved_tflops", "peak_tflops", "mfu", "status")
-DEFAULT_JSON = "results/lm_bench.json"
 PEAK_REPEATS = 10
 TIMEOUT_S = 1800  # default limit of one launch; a hung process group is killed whole after it
-TABLE = Table([
-    Column("preset", "preset", 6, align="<"),
-    Column("processes", "procs", 5),
-    Column("threads_per_process", "threads", 7),
-    Column("global_batch", "global batch", 12),
-    Column("micro_batch", "micro", 5),
-    Column("accum_steps", "accum/rank", 10),
-    Column("seq_len", "seq", 5),
-    Column("ms_per_step", "ms/step", 9, lambda v: f"{v:,.0f}"),
-    Column("tokens_per_s", "tokens/s", 9, lambda v: f"{v:,.0f}"),
-    Column("achieved_tflops", "TFLOP/s", 8, lambda v: f"{v:.4f}"),
-    Column("peak_tflops", "peak", 8, lambda v: f"{v:.4f}"),
-    Column("mfu", "MFU", 6, lambda v: f"{v:.1%}"),
-    Column("status", "status", 6, align="<"),
-])
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -131,15 +113,13 @@ def bench_rows(presets: Sequence[str], processes: Sequence[int], *, global_batch
         for p in processes:
             threads = None if cuda else max(1, torch.get_num_threads() // p)
             peak = matmul_peak(device, precision, peak_size) * (p if cuda else 1)
-            row = {"preset": preset, "processes": p, "threads_per_process": threads, "device": device,
-                   "precision": precision, "global_batch": global_batch, "micro_batch": micro_batch,
-                   "accum_steps": global_batch // p // micro_batch, "seq_len": length,
-                   "tokens_per_step": global_batch * length, "peak_tflops": peak / 1e12,
-                   **dict.fromkeys(("matmul_params", "model_flops_per_token", "ms_per_step", "tokens_per_s",
-                                    "achieved_tflops", "mfu"))}
+            row = dict(preset=preset, processes=p, threads_per_process=threads, device=device,
+                       precision=precision, global_batch=global_batch, micro_batch=micro_batch,
+                       accum_steps=global_batch // p // micro_batch, seq_len=length,
+                       tokens_per_step=global_batch * length, peak_tflops=peak / 1e12)
             if cuda and torch.cuda.device_count() < p:
-                row["status"] = f"skipped: {p} processes need {p} GPUs, {torch.cuda.device_count()} visible"
-                yield {k: row[k] for k in ROW_KEYS}
+                yield make_row(ROW_KEYS, **row, status=f"skipped: {p} processes need {p} GPUs, "
+                                                       f"{torch.cuda.device_count()} visible")
                 continue
             spec = dict(preset=preset, overrides=overrides, global_batch=global_batch, micro_batch=micro_batch,
                         seq_len=length, steps=steps, warmup=warmup, device=device, precision=precision)
@@ -147,15 +127,14 @@ def bench_rows(presets: Sequence[str], processes: Sequence[int], *, global_batch
                 result = run_isolated(f"{__name__}:measure", spec, device=device, threads=threads, processes=p,
                                       timeout_s=TIMEOUT_S)
             except RuntimeError as err:
-                row["status"] = f"failed: {err}"
-                yield {k: row[k] for k in ROW_KEYS}
+                yield make_row(ROW_KEYS, **row, status=f"failed: {err}")
                 continue
             tokens_per_s = row["tokens_per_step"] / (result["ms_per_step"] / 1000)
             achieved = result["model_flops_per_token"] * tokens_per_s
-            row |= {k: result[k] for k in ("ms_per_step", "matmul_params", "model_flops_per_token")} | {
-                "tokens_per_s": tokens_per_s, "achieved_tflops": achieved / 1e12,
-                             "mfu": achieved / peak, "status": "ok"}
-            yield {k: row[k] for k in ROW_KEYS}
+            yield make_row(ROW_KEYS, **row, **{k: result[k] for k in ("ms_per_step", "matmul_params",
+                                                                        "model_flops_per_token")},
+                           tokens_per_s=tokens_per_s, achieved_tflops=achieved / 1e12, mfu=achieved / peak,
+                           status="ok")
 
 
 def default_peak_size(device: str) -> int:
@@ -168,76 +147,84 @@ def resolved_precision(args: argparse.Namespace) -> str:
     return "bf16" if args.device == "cuda" else "fp32"
 
 
-def run(args: argparse.Namespace) -> int:
-    precision = resolved_precision(args)
-    size = args.peak_size or default_peak_size(args.device)
-    overrides = parse_overrides(args.overrides, ("model",)).get("model", {})
-    machine = machine_info(args.device)
-    print(format_machine(machine))
-    machine["matmul_peak"] = {"dtype": str(compute_dtype(precision)), "size": size, "repeats": PEAK_REPEATS,
-                              "torch_threads": torch.get_num_threads(), "when": "before each row"}
-    where = "one GPU, times the processes" if args.device == "cuda" else f"{torch.get_num_threads()} torch threads"
-    print(f"peak: best of {PEAK_REPEATS} {precision} {size}x{size} matmuls ({where}), measured before each row")
-    print(f"{args.steps} timed steps after {args.warmup} warm-up; synthetic random tokens; "
-          f"model overrides {overrides or 'none'}\n")
-    print(TABLE.header())
-    results = Results(TABLE, args.json, machine)
-    runs = bench_rows(args.presets, args.processes, global_batch=args.batch_size, micro_batch=args.micro_batch_size,
-                      seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, device=args.device,
-                      precision=precision, peak_size=size, overrides=overrides)
-    for row in tqdm(runs, total=len(args.presets) * len(args.processes), desc="lm bench", unit="run",
-                    disable=None, leave=False):
-        results.add(row)
-    results.done()
-    return 0
+class LMBench(Benchmark):
+    """The command: every (preset, processes) of ``--presets`` and ``--processes``
+    (:func:`bench_rows`)."""
+
+    HELP = "training throughput (tokens/s) and MFU of the LM on 1 and 2 data-parallel processes"
+    DEFAULT_JSON = "results/lm_bench.json"
+    TABLE = Table([
+        Column("preset", "preset", 6, align="<"),
+        Column("processes", "procs", 5),
+        Column("threads_per_process", "threads", 7),
+        Column("global_batch", "global batch", 12),
+        Column("micro_batch", "micro", 5),
+        Column("accum_steps", "accum/rank", 10),
+        Column("seq_len", "seq", 5),
+        Column("ms_per_step", "ms/step", 9, lambda v: f"{v:,.0f}"),
+        Column("tokens_per_s", "tokens/s", 9, lambda v: f"{v:,.0f}"),
+        Column("achieved_tflops", "TFLOP/s", 8, lambda v: f"{v:.4f}"),
+        Column("peak_tflops", "peak", 8, lambda v: f"{v:.4f}"),
+        Column("mfu", "MFU", 6, lambda v: f"{v:.1%}"),
+        Column("status", "status", 6, align="<"),
+    ])
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--presets", nargs="+", default=["tiny"], choices=list(PRESETS),
+                            help="model presets (default %(default)s)")
+        parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
+                            help="data-parallel process counts (default %(default)s)")
+        parser.add_argument("--batch-size", type=int, default=16,
+                            help="global batch: sequences per optimizer step over all ranks (default %(default)s)")
+        parser.add_argument("--micro-batch-size", type=int, default=4,
+                            help="sequences per forward/backward (default %(default)s)")
+        parser.add_argument("--seq-len", type=int, default=None,
+                            help="tokens per sequence (default: the preset's seq_len)")
+        parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default %(default)s)")
+        parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default %(default)s)")
+        parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                            help="compute dtype of training and of the peak (auto: bf16 on cuda, fp32 on cpu)")
+        parser.add_argument("--peak-size", type=int, default=None,
+                            help="side of the peak's square matmul (default 2048 on cpu, 8192 on cuda)")
+        parser.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE",
+                            help="LMConfig overrides on top of every preset, e.g. model.n_layers=2")
+
+    def check_options(self, args: argparse.Namespace) -> None:
+        """Also keeps the parsed overrides in ``args.model_overrides``."""
+        check_at_least(args, 1, "batch_size", "micro_batch_size", "steps", "seq_len", "peak_size")
+        check_at_least(args, 0, "warmup")
+        if min(args.processes) < 1:
+            raise ValueError(f"--processes must be >= 1, got {args.processes}")
+        for p in args.processes:
+            if args.batch_size % (p * args.micro_batch_size):
+                raise ValueError(f"--batch-size {args.batch_size} must split into {p} processes x micro-batches of "
+                                 f"{args.micro_batch_size}, i.e. be a multiple of {p * args.micro_batch_size}")
+        if args.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda (rank r takes GPU r), or auto, got {args.device!r}")
+        args.model_overrides = parse_overrides(args.overrides, ("model",)).get("model", {})
+        for preset in args.presets:
+            cfg = LMConfig.preset(preset, **args.model_overrides)
+            if args.seq_len is not None and args.seq_len > cfg.seq_len:
+                raise ValueError(f"--seq-len {args.seq_len} exceeds the maximum positions of preset {preset!r} "
+                                 f"({cfg.seq_len}); raise it with model.seq_len={args.seq_len}")
+
+    def intro(self, args: argparse.Namespace, machine: dict[str, Any]) -> str:
+        precision, size = resolved_precision(args), args.peak_size or default_peak_size(args.device)
+        machine["matmul_peak"] = {"dtype": str(compute_dtype(precision)), "size": size, "repeats": PEAK_REPEATS,
+                                  "torch_threads": torch.get_num_threads(), "when": "before each row"}
+        where = "one GPU, times the processes" if args.device == "cuda" else f"{torch.get_num_threads()} torch threads"
+        return (f"peak: best of {PEAK_REPEATS} {precision} {size}x{size} matmuls ({where}), measured before each row\n"
+                f"{args.steps} timed steps after {args.warmup} warm-up; synthetic random tokens; "
+                f"model overrides {args.model_overrides or 'none'}")
+
+    def rows(self, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+        return bench_rows(args.presets, args.processes, global_batch=args.batch_size,
+                          micro_batch=args.micro_batch_size, seq_len=args.seq_len, steps=args.steps,
+                          warmup=args.warmup, device=args.device, precision=resolved_precision(args),
+                          peak_size=args.peak_size or default_peak_size(args.device), overrides=args.model_overrides)
+
+    def count(self, args: argparse.Namespace) -> int:
+        return len(args.presets) * len(args.processes)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--presets", nargs="+", default=["tiny"], choices=list(PRESETS),
-                        help="model presets (default %(default)s)")
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
-                        help="data-parallel process counts (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="global batch: sequences per optimizer step over all ranks (default %(default)s)")
-    parser.add_argument("--micro-batch-size", type=int, default=4,
-                        help="sequences per forward/backward (default %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help="tokens per sequence (default: the preset's seq_len)")
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default %(default)s)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="compute dtype of training and of the peak (auto: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--peak-size", type=int, default=None,
-                        help="side of the peak's square matmul (default 2048 on cpu, 8192 on cuda)")
-    parser.add_argument("--json", default=DEFAULT_JSON, help="rows written here as a JSON list (default %(default)s)")
-    parser.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE",
-                        help="LMConfig overrides on top of every preset, e.g. model.n_layers=2")
-
-
-def check(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "micro_batch_size", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("seq_len", "peak_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    if min(args.processes) < 1:
-        raise ValueError(f"--processes must be >= 1, got {args.processes}")
-    for p in args.processes:
-        if args.batch_size % (p * args.micro_batch_size):
-            raise ValueError(f"--batch-size {args.batch_size} must split into {p} processes x micro-batches of "
-                             f"{args.micro_batch_size}, i.e. be a multiple of {p * args.micro_batch_size}")
-    if args.device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda (rank r takes GPU r), got {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} asked for, but torch.cuda.is_available() is False")
-    overrides = parse_overrides(args.overrides, ("model",)).get("model", {})
-    for preset in args.presets:
-        cfg = LMConfig.preset(preset, **overrides)
-        if args.seq_len is not None and args.seq_len > cfg.seq_len:
-            raise ValueError(f"--seq-len {args.seq_len} exceeds the maximum positions of preset {preset!r} "
-                             f"({cfg.seq_len}); raise it with model.seq_len={args.seq_len}")
-
+COMMAND = LMBench()
