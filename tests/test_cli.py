@@ -37,5 +37,6 @@ def test_every_command_on_a_model_takes_device_and_threads(system, command, tmp_
 @pytest.mark.parametrize(("system", "command"), ON_A_MODEL)
 def test_a_bad_device_or_thread_count_is_one_line(system, command, tmp_path, capsys):
     argv = [system, command, *required(system, command, tmp_path)]
-    assert "--device must be auto, cpu, cuda or cuda:N" in cli_error(capsys, argv + ["--device", "tpu"])
+    assert "--device must be a torch device such as cpu or cuda" in cli_error(capsys, argv + ["--device", "tpu9"])
+    assert "--device must be auto, cpu, cuda or cuda:N" in cli_error(capsys, argv + ["--device", "meta"])
     assert "--threads must be >= 1" in cli_error(capsys, argv + ["--threads", "0"])

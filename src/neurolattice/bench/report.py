@@ -192,7 +192,8 @@ class Benchmark(ABC):
         if self.DEVICE:
             args.device = str(check_device(args.device))
 
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace, prepared: None = None) -> int:
+        """Measure and report (``prepared``: what :meth:`check` returns, nothing for a benchmark)."""
         if self.THREADS and args.threads is not None:
             torch.set_num_threads(args.threads)
         machine = machine_info(args.device if self.DEVICE else "cpu")
