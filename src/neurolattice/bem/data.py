@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from neurolattice.config import Bound, Config
 from neurolattice.lm.data import (
     ByteTokenizer,
     PackedDataset,
@@ -36,22 +37,20 @@ TOPICS_FILE = "pydoc_data/topics.py"
 
 
 @dataclass
-class DomainDataConfig:
+class DomainDataConfig(Config):
     """How the two domains are read, split and cut."""
 
     seq_len: int | None = field(default=None, metadata={"help": "tokens per row (default: the base model's)"})
-    train_bytes: int = field(default=400_000, metadata={"help": "training text per domain, in bytes"})
-    heldout_bytes: int = field(default=40_000, metadata={"help": "held-out text per domain, in bytes"})
-    prose_heldout_fraction: float = field(default=0.15, metadata={"help": "fraction of the topics held out"})
+    train_bytes: int = field(
+        default=400_000, metadata={"help": "training text per domain, in bytes", "bound": Bound(int, gt=0)}
+    )
+    heldout_bytes: int = field(
+        default=40_000, metadata={"help": "held-out text per domain, in bytes", "bound": Bound(int, gt=0)}
+    )
+    prose_heldout_fraction: float = field(
+        default=0.15, metadata={"help": "fraction of the topics held out", "bound": Bound(float, gt=0, lt=1)}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the topic split (the file split is the base's)"})
-
-    def __post_init__(self) -> None:
-        for name in ("train_bytes", "heldout_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.prose_heldout_fraction, (int, float)) or not 0 < self.prose_heldout_fraction < 1:
-            raise ValueError(f"prose_heldout_fraction must be in (0, 1), got {self.prose_heldout_fraction!r}")
 
 
 @dataclass

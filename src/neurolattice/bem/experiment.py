@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from neurolattice.config import config_from_dict, config_to_dict, layered_config
+from neurolattice.config import layered_config
 from neurolattice.lm.experiment import load_run as load_lm_run
 from neurolattice.train import TrainConfig, load_checkpoint, read_config, resolve_checkpoint
 
@@ -63,8 +63,8 @@ def build_configs(config_file: str | None = None, overrides: list[str] = ()
     """:data:`DEFAULTS`, the TOML file, then the overrides (later wins); unknown keys are
     one-line ``ValueError``s."""
     layers, _ = layered_config(SECTIONS, DEFAULTS, config_file, overrides)
-    return (config_from_dict(BEMConfig, layers["bem"]), config_from_dict(DomainDataConfig, layers["data"]),
-            config_from_dict(TaskConfig, layers["task"]), TrainConfig.from_dict(layers["train"]))
+    return (BEMConfig.from_dict(layers["bem"]), DomainDataConfig.from_dict(layers["data"]),
+            TaskConfig.from_dict(layers["task"]), TrainConfig.from_dict(layers["train"]))
 
 
 def build_task(base: Base, bem: BEMConfig, data: DomainDataConfig, task: TaskConfig) -> BEMTask:
@@ -79,8 +79,7 @@ def build_task(base: Base, bem: BEMConfig, data: DomainDataConfig, task: TaskCon
 
 def run_config(base: Base, bem: BEMConfig, data: DomainDataConfig, task: TaskConfig) -> dict[str, Any]:
     """What the trainer saves under ``"model"`` in ``run_config.json`` (and checks on resume)."""
-    return {"base": base.record(), "bem": config_to_dict(bem), "data": config_to_dict(data),
-            "task": config_to_dict(task)}
+    return {"base": base.record(), "bem": bem.to_dict(), "data": data.to_dict(), "task": task.to_dict()}
 
 
 def load_run(path: str | Path, base_path: str | None = None
@@ -97,8 +96,8 @@ def load_run(path: str | Path, base_path: str | None = None
     if base.fingerprint != saved["base"]["fingerprint"]:
         raise ValueError(f"{ckpt} holds adapters for another base model: fingerprint {saved['base']['fingerprint']} "
                          f"({saved['base']['path']}), but {base.path} is {base.fingerprint}")
-    configs = (config_from_dict(BEMConfig, saved["bem"]), config_from_dict(DomainDataConfig, saved["data"]),
-               config_from_dict(TaskConfig, saved["task"]))
+    configs = (BEMConfig.from_dict(saved["bem"]), DomainDataConfig.from_dict(saved["data"]),
+               TaskConfig.from_dict(saved["task"]))
     model = BEMModel(base.model, configs[0])
     load_checkpoint(ckpt, model)
     return configs, base, model.eval()

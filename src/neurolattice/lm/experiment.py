@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from neurolattice.config import config_from_dict, config_to_dict, layered_config
+from neurolattice.config import layered_config
 from neurolattice.train import TrainConfig, load_checkpoint, read_config, resolve_checkpoint
 
 from .config import DataConfig, LMConfig
@@ -39,7 +39,7 @@ def build_configs(preset: str, data_dir: str | None = None, config_file: str | N
     lm = LMConfig.preset(preset, **layers["model"])
     if data_dir is not None:
         layers["data"]["folder"] = data_dir
-    data = config_from_dict(DataConfig, layers["data"])
+    data = DataConfig.from_dict(layers["data"])
     if data.folder is not None:
         data.folder = str(Path(data.folder).resolve())
     data.seq_len = data.seq_len or lm.seq_len
@@ -51,7 +51,7 @@ def build_configs(preset: str, data_dir: str | None = None, config_file: str | N
 
 def run_config(lm: LMConfig, data: DataConfig) -> dict[str, Any]:
     """What the trainer saves under ``"model"`` in ``run_config.json`` (and checks on resume)."""
-    return {"model": lm.to_dict(), "data": config_to_dict(data)}
+    return {"model": lm.to_dict(), "data": data.to_dict()}
 
 
 def load_run(path: str | Path) -> tuple[LMConfig, DataConfig, torch.nn.Module]:
@@ -62,7 +62,7 @@ def load_run(path: str | Path) -> tuple[LMConfig, DataConfig, torch.nn.Module]:
     saved = read_config(ckpt)
     try:
         lm = LMConfig.from_dict(saved["model"]["model"])
-        data = config_from_dict(DataConfig, saved["model"]["data"])
+        data = DataConfig.from_dict(saved["model"]["data"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"{ckpt} is not an LM checkpoint (run_config.json lacks {err})") from None
     model = build_model(lm)
