@@ -1,30 +1,110 @@
-"""Helpers shared by every system's config dataclass."""
+"""The base of every system's config dataclass (:class:`Config`: field bounds, ``to_dict`` /
+``from_dict``) and the layering of TOML files and ``SECTION.KEY=VALUE`` overrides over it."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self
 
-T = TypeVar("T")
-
-
-def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build the dataclass ``cls`` from ``data``; unknown keys raise a one-line ``ValueError``."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}"
-        )
-    return cls(**data)
+# The limits a Bound may set: (attribute, symbol, test).
+LIMITS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """JSON-ready dict of a config dataclass (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+@dataclass(frozen=True)
+class Bound:
+    """The values one config field accepts, declared beside its help:
+    ``field(default=32, metadata={"help": "...", "bound": Bound(int, gt=0)})``.
+
+    ``kind`` is ``int`` (an integer, not a bool), ``float`` (a finite int or float, not a bool)
+    or ``bool``; ``ge`` / ``gt`` / ``le`` / ``lt`` limit a number (``>=``, ``>``, ``<=``, ``<``);
+    ``choices`` lists the values the field may take; ``optional`` accepts ``None`` as well.
+    ``says`` completes "NAME must be ...", spelled from the rest unless given: ``"a positive
+    integer"``, ``"an integer >= 0"``, ``"a finite number > 1"``, ``"in [0, 1)"``, ``"one of (...)"``.
+    """
+
+    kind: type | None = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[Any, ...] = ()
+    optional: bool = False
+    says: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.says:
+            object.__setattr__(self, "says", self.spell())
+
+    def limits(self) -> list[tuple[str, Any, float]]:
+        """``(symbol, test, limit)`` of each limit set."""
+        return [(symbol, test, getattr(self, name)) for name, symbol, test in LIMITS
+                if getattr(self, name) is not None]
+
+    def spell(self) -> str:
+        """The expectation in words, from ``kind``, the limits, ``choices`` and ``optional``."""
+        if self.choices:
+            text = f"one of {self.choices}"
+        elif self.kind is bool:
+            text = "true or false"
+        else:
+            noun = "integer" if self.kind is int else "finite number"
+            limits = [f"{symbol} {limit}" for symbol, _, limit in self.limits()]
+            if len(limits) == 2:  # an interval
+                low = f"[{self.ge}" if self.ge is not None else f"({self.gt}"
+                high = f"{self.le}]" if self.le is not None else f"{self.lt})"
+                text = f"in {low}, {high}"
+            elif limits == ["> 0"]:
+                text = f"a positive {noun}"
+            else:
+                text = " ".join([("an " if self.kind is int else "a ") + noun, *limits])
+        return f"none or {text}" if self.optional else text
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if self.choices:
+            return value in self.choices
+        if self.kind is bool:
+            return isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+            return False
+        if self.kind is float and not math.isfinite(value):
+            return False
+        return all(test(value, limit) for _, test, limit in self.limits())
+
+
+class Config:
+    """Base of every config dataclass: ``__post_init__`` checks each field against the
+    :class:`Bound` in its metadata (``"NAME must be SAYS, got VALUE"``, one line); a subclass
+    with rules across fields runs them after ``super().__post_init__()``. ``to_dict`` and
+    ``from_dict`` turn a config into JSON-ready data and back."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            bound = f.metadata.get("bound")
+            value = getattr(self, f.name)
+            if bound is not None and not bound.accepts(value):
+                raise ValueError(f"{f.name} must be {bound.says}, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """The config of ``data``; unknown keys raise a one-line ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict: tuples become lists, a nested config a nested dict."""
+        return dataclasses.asdict(
+            self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items})
 
 
 def parse_value(raw: str) -> Any:
@@ -85,7 +165,7 @@ def layered_config(sections: tuple[str, ...], defaults: dict[str, dict[str, Any]
 def sections_help(classes: dict[str, type], defaults: dict[str, dict[str, Any]],
                   skip: tuple[str, ...] = (), note: str = "") -> str:
     """The keys a TOML file or ``SECTION.KEY=VALUE`` may set, one line each with its default
-    (``defaults[section]`` over the dataclass's) and help, generated from the dataclasses
+    (``defaults[section]`` over the dataclass's), help and bound, generated from the dataclasses
     ``classes`` (``{section: cls}``); ``skip`` lists ``section.key`` names not to offer."""
     tables = ", ".join(f"[{s}]" for s in classes)
     lines = [f"config keys (TOML tables {tables}, or SECTION.KEY=VALUE{'; ' + note if note else ''}):"]
@@ -94,5 +174,7 @@ def sections_help(classes: dict[str, type], defaults: dict[str, dict[str, Any]],
             if f"{section}.{f.name}" in skip:
                 continue
             default = defaults.get(section, {}).get(f.name, f.default)
-            lines.append(f"  {section}.{f.name} = {default!r}: {f.metadata.get('help', '')}")
+            bound = f.metadata.get("bound")
+            lines.append(f"  {section}.{f.name} = {default!r}: {f.metadata.get('help', '')}"
+                         + (f" [{bound.says}]" if bound else ""))
     return "\n".join(lines)

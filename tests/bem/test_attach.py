@@ -23,7 +23,6 @@ from neurolattice.bem import (
     telemetry,
 )
 from neurolattice.bem.layer import BEMLinear
-from neurolattice.config import config_from_dict
 from neurolattice.lm.model import cache_keyword, find_cache
 
 from ..bounds import float32_bound
@@ -350,7 +349,7 @@ def test_errors_are_one_line():
     with one_line_error("route_layer"):
         BEMConfig(route_layer=-1)
     with one_line_error(r"unknown BEMConfig key\(s\) \[.rnak.\]"):
-        config_from_dict(BEMConfig, {"rank": 4, "rnak": 4})
+        BEMConfig.from_dict({"rank": 4, "rnak": 4})
     with one_line_error("route_layer must be < 1"):
         attach(llama(), BEMConfig(route_layer=1))
     with one_line_error("embed_tokens.*Embedding"):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
 
-from neurolattice.config import config_from_dict, config_to_dict
+from neurolattice.config import Bound, Config
 
 LEVELS = ("token", "chunk", "prefix")
 
@@ -29,7 +27,7 @@ def is_kv_name(suffix: str) -> bool:
 
 
 @dataclass
-class BEMConfig:
+class BEMConfig(Config):
     """Which modules get a routed adapter, at which routing level, and the controller's sizes.
 
     A BEM module computes ``y = W x + b + ((x V) * c) U^T`` with ``c`` the effective code of its
@@ -37,56 +35,57 @@ class BEMConfig:
     ``controller.py``).
     """
 
-    rank: int = field(default=8, metadata={"help": "adapter rank r (size of every code slot)"})
+    rank: int = field(
+        default=8, metadata={"help": "adapter rank r (size of every code slot)", "bound": Bound(int, gt=0)}
+    )
     level: str = field(
         default="token",
         metadata={"help": f"routing level of Q/O/MLP modules, one of {LEVELS}; K/V-type modules get "
-                          "'chunk' when this is 'token', else this level"},
+                          "'chunk' when this is 'token', else this level", "bound": Bound(choices=LEVELS)},
     )
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha: the codes are scaled by s = alpha / rank"})
+    alpha: float = field(
+        default=16.0,
+        metadata={"help": "LoRA alpha: the codes are scaled by s = alpha / rank", "bound": Bound(float, gt=0)},
+    )
     targets: dict[str, str] | None = field(
         default=None,
         metadata={"help": "module-name suffix -> level (e.g. {'q_proj': 'token', 'v_proj': 'chunk'}); "
                           "none: the architecture's default table at `level`"},
     )
-    prefix_len: int = field(default=128, metadata={"help": "P: tokens pooled into the prefix summary"})
-    chunk_size: int = field(default=32, metadata={"help": "C: tokens per chunk of the chunk level"})
-    beta: float = field(default=0.9, metadata={"help": "EMA factor across chunks, c_k = beta c_k-1 + (1-beta) raw_k"})
-    max_norm: float = field(default=3.0, metadata={"help": "per-slot norm clamp of the dynamic code"})
-    hidden: int = field(default=64, metadata={"help": "controller width"})
+    prefix_len: int = field(
+        default=128, metadata={"help": "P: tokens pooled into the prefix summary", "bound": Bound(int, gt=0)}
+    )
+    chunk_size: int = field(
+        default=32, metadata={"help": "C: tokens per chunk of the chunk level", "bound": Bound(int, gt=0)}
+    )
+    beta: float = field(
+        default=0.9,
+        metadata={"help": "EMA factor across chunks, c_k = beta c_k-1 + (1-beta) raw_k",
+                  "bound": Bound(float, ge=0, lt=1, says="a number in [0, 1)")},
+    )
+    max_norm: float = field(
+        default=3.0, metadata={"help": "per-slot norm clamp of the dynamic code", "bound": Bound(float, gt=0)}
+    )
+    hidden: int = field(default=64, metadata={"help": "controller width", "bound": Bound(int, gt=0)})
     route_layer: int | None = field(
         default=None,
         metadata={"help": "none: route from the input embeddings; l: from the hidden state after decoder "
-                          "layer l, attaching only modules of layers > l"},
+                          "layer l, attaching only modules of layers > l", "bound": Bound(int, ge=0, optional=True)},
     )
     sparse_threshold: float = field(
         default=0.0,
-        metadata={"help": "skip tokens whose code entries are all below this (exact; syncs the host; 0 = off)"},
+        metadata={"help": "skip tokens whose code entries are all below this (exact; syncs the host; 0 = off)",
+                  "bound": Bound(float, ge=0)},
     )
-    entropy_weight: float = field(default=1e-3, metadata={"help": "weight of the uncertainty-entropy regulariser"})
-    code_norm_weight: float = field(default=1e-3, metadata={"help": "weight of the code-norm regulariser"})
+    entropy_weight: float = field(
+        default=1e-3, metadata={"help": "weight of the uncertainty-entropy regulariser", "bound": Bound(float, ge=0)}
+    )
+    code_norm_weight: float = field(
+        default=1e-3, metadata={"help": "weight of the code-norm regulariser", "bound": Bound(float, ge=0)}
+    )
 
     def __post_init__(self) -> None:
-        for name in ("rank", "prefix_len", "chunk_size", "hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
-        for name in ("alpha", "max_norm"):
-            value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not _is_number(self.beta) or not 0 <= self.beta < 1:
-            raise ValueError(f"beta must be a number in [0, 1), got {self.beta!r}")
-        for name in ("sparse_threshold", "entropy_weight", "code_norm_weight"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.route_layer is not None and (
-            not isinstance(self.route_layer, int) or isinstance(self.route_layer, bool) or self.route_layer < 0
-        ):
-            raise ValueError(f"route_layer must be none or an integer >= 0, got {self.route_layer!r}")
+        super().__post_init__()
         if self.targets is not None:
             if not isinstance(self.targets, dict) or not self.targets:
                 raise ValueError(f"targets must be a non-empty dict of module-name suffix -> level, "
@@ -109,14 +108,3 @@ class BEMConfig:
         """The default level of a module with this name suffix: ``level``, or ``chunk`` for a
         K/V-type module when ``level`` is ``token``."""
         return "chunk" if self.level == "token" and is_kv_name(suffix) else self.level
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BEMConfig:
-        return config_from_dict(cls, data)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from neurolattice.config import Bound, Config
 from neurolattice.lm.data import (
     ByteTokenizer,
     PackedDataset,
@@ -42,32 +43,32 @@ TOPICS_FILE = "pydoc_data/topics.py"
 
 
 @dataclass
-class DomainDataConfig:
+class DomainDataConfig(Config):
     """How the two domains are read, split and cut."""
 
     seq_len: int | None = field(default=None, metadata={"help": "tokens per row (default: the base model's)"})
-    train_bytes: int = field(default=400_000, metadata={"help": "training text per domain, in bytes"})
-    heldout_bytes: int = field(default=40_000, metadata={"help": "held-out text per domain, in bytes"})
-    prose_heldout_fraction: float = field(default=0.15, metadata={"help": "fraction of the topics held out"})
+    train_bytes: int = field(
+        default=400_000, metadata={"help": "training text per domain, in bytes", "bound": Bound(int, gt=0)}
+    )
+    heldout_bytes: int = field(
+        default=40_000, metadata={"help": "held-out text per domain, in bytes", "bound": Bound(int, gt=0)}
+    )
+    prose_heldout_fraction: float = field(
+        default=0.15, metadata={"help": "fraction of the topics held out", "bound": Bound(float, gt=0, lt=1)}
+    )
     seed: int = field(default=0, metadata={
         "help": "seed of the topic split and of a folder's split (the Python file split is the base's)"})
     folders: dict[str, str] | None = field(default=None, metadata={
         "help": "the domains as {name = folder of text files} (--data NAME=DIR; default: python and prose)"})
-    heldout_fraction: float = field(default=0.15, metadata={"help": "fraction of a folder's files held out"})
+    heldout_fraction: float = field(default=0.15, metadata={
+        "help": "fraction of a folder's files held out", "bound": Bound(float, gt=0, lt=1)})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.folders is not None:
             if not isinstance(self.folders, dict) or len(self.folders) < 2:
                 raise ValueError(f"folders must name two or more domains {{name: folder}}, got {self.folders!r}")
             self.folders = {str(k): str(Path(v).resolve()) for k, v in self.folders.items()}
-        if not isinstance(self.heldout_fraction, (int, float)) or not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
-        for name in ("train_bytes", "heldout_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.prose_heldout_fraction, (int, float)) or not 0 < self.prose_heldout_fraction < 1:
-            raise ValueError(f"prose_heldout_fraction must be in (0, 1), got {self.prose_heldout_fraction!r}")
 
 
 @dataclass

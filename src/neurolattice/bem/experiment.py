@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from neurolattice.config import config_from_dict, config_to_dict, layered_config
+from neurolattice.config import layered_config
 from neurolattice.lm.experiment import load_run as load_lm_run
 from neurolattice.train import SavedRun, TrainConfig, load_checkpoint, read_run_config
 
@@ -86,8 +86,8 @@ def build_configs(config_file: str | None = None, overrides: list[str] = (), fol
     layers, _ = layered_config(SECTIONS, DEFAULTS, config_file, overrides)
     if folders is not None:
         layers["data"]["folders"] = folders
-    return (config_from_dict(BEMConfig, layers["bem"]), config_from_dict(DomainDataConfig, layers["data"]),
-            config_from_dict(TaskConfig, layers["task"]), TrainConfig.from_dict(layers["train"]))
+    return (BEMConfig.from_dict(layers["bem"]), DomainDataConfig.from_dict(layers["data"]),
+            TaskConfig.from_dict(layers["task"]), TrainConfig.from_dict(layers["train"]))
 
 
 def build_task(base: Base, bem: BEMConfig, data: DomainDataConfig, task: TaskConfig) -> BEMTask:
@@ -102,8 +102,7 @@ def build_task(base: Base, bem: BEMConfig, data: DomainDataConfig, task: TaskCon
 
 def run_config(base: Base, bem: BEMConfig, data: DomainDataConfig, task: TaskConfig) -> dict[str, Any]:
     """What the trainer saves under ``"model"`` in ``run_config.json`` (and checks on resume)."""
-    return {"base": base.record(), "bem": config_to_dict(bem), "data": config_to_dict(data),
-            "task": config_to_dict(task)}
+    return {"base": base.record(), "bem": bem.to_dict(), "data": data.to_dict(), "task": task.to_dict()}
 
 
 @dataclass
@@ -122,9 +121,9 @@ def load_run(path: str | Path, base_path: str | None = None) -> BEMRun:
     base, build the model, load the adapters. A base with another fingerprint is a one-line
     ``ValueError``."""
     ckpt, (record, bem, data, task_cfg) = read_run_config(path, "a BEM", lambda saved: (
-        saved["model"]["base"], config_from_dict(BEMConfig, saved["model"]["bem"]),
-        config_from_dict(DomainDataConfig, saved["model"]["data"]),
-        config_from_dict(TaskConfig, saved["model"]["task"])))
+        saved["model"]["base"], BEMConfig.from_dict(saved["model"]["bem"]),
+        DomainDataConfig.from_dict(saved["model"]["data"]),
+        TaskConfig.from_dict(saved["model"]["task"])))
     base = Base.load(base_path or record["path"])
     if base.fingerprint != record["fingerprint"]:
         raise ValueError(f"{ckpt} holds adapters for another base model: fingerprint {record['fingerprint']} "

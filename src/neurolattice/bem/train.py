@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neurolattice.config import Bound, Config
 from neurolattice.lm.data import ByteTokenizer
 from neurolattice.lm.model import causal_lm
 from neurolattice.lm.task import NextTokenTask, heldout_loss
@@ -38,20 +39,17 @@ from .layer import BEMLinear
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Config):
     """The BEM-specific knobs of training."""
 
     controller_lr_scale: float = field(
-        default=3.0, metadata={"help": "controller learning rate, as a multiple of train.lr (the adapters')"}
+        default=3.0,
+        metadata={"help": "controller learning rate, as a multiple of train.lr (the adapters')",
+                  "bound": Bound(float, gt=0)},
     )
-    eval_batch_size: int = field(default=32, metadata={"help": "rows per forward when evaluating"})
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.controller_lr_scale, (int, float)) or not self.controller_lr_scale > 0:
-            raise ValueError(f"controller_lr_scale must be a number > 0, got {self.controller_lr_scale!r}")
-        if not isinstance(self.eval_batch_size, int) or isinstance(self.eval_batch_size, bool) \
-                or self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be a positive integer, got {self.eval_batch_size!r}")
+    eval_batch_size: int = field(
+        default=32, metadata={"help": "rows per forward when evaluating", "bound": Bound(int, gt=0)}
+    )
 
 
 def base_fingerprint(model: nn.Module) -> str:

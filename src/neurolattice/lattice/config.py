@@ -6,13 +6,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from neurolattice.config import config_from_dict, config_to_dict
+from neurolattice.config import Bound, Config
 
 BOUNDARIES = ("open", "periodic")
 
 
 @dataclass
-class LatticeConfig:
+class LatticeConfig(Config):
     """The lattice: its shape, boundary, the three tier radii and the expert sizes.
 
     Tiers, for a neighbour at Euclidean distance ``d``: local ``0 < d <= r_local``,
@@ -22,36 +22,39 @@ class LatticeConfig:
     dims: tuple[int, int, int] = field(
         default=(15, 15, 15), metadata={"help": "lattice sides (X, Y, Z) in cells"}
     )
-    state_size: int = field(default=32, metadata={"help": "state vector size S per cell"})
-    boundary: str = field(default="open", metadata={"help": "'open' or 'periodic' (wrap-around)"})
-    r_local: float = field(default=1.75, metadata={"help": "outer radius of the local tier"})
-    r_functional: float = field(default=3.0, metadata={"help": "outer radius of the functional tier"})
-    r_distant: float = field(default=4.5, metadata={"help": "outer radius of the distant tier"})
-    hidden_local: int = field(default=32, metadata={"help": "hidden size H_L of the local MLP"})
-    hidden_functional: int = field(
-        default=32, metadata={"help": "hidden size H_F of the functional message/update MLPs"}
+    state_size: int = field(default=32, metadata={"help": "state vector size S per cell", "bound": Bound(int, gt=0)})
+    boundary: str = field(
+        default="open", metadata={"help": "'open' or 'periodic' (wrap-around)", "bound": Bound(choices=BOUNDARIES)}
     )
-    hidden_distant: int = field(default=32, metadata={"help": "hidden size H_D of the distant ODE field"})
-    hidden_gate: int = field(default=32, metadata={"help": "hidden size of the gating MLP"})
-    ode_steps: int = field(default=2, metadata={"help": "fixed RK4 steps n_ode over t in [0, 1]"})
+    r_local: float = field(default=1.75, metadata={"help": "outer radius of the local tier", "bound": Bound(float)})
+    r_functional: float = field(
+        default=3.0, metadata={"help": "outer radius of the functional tier", "bound": Bound(float)}
+    )
+    r_distant: float = field(default=4.5, metadata={"help": "outer radius of the distant tier", "bound": Bound(float)})
+    hidden_local: int = field(
+        default=32, metadata={"help": "hidden size H_L of the local MLP", "bound": Bound(int, gt=0)}
+    )
+    hidden_functional: int = field(
+        default=32,
+        metadata={"help": "hidden size H_F of the functional message/update MLPs", "bound": Bound(int, gt=0)},
+    )
+    hidden_distant: int = field(
+        default=32, metadata={"help": "hidden size H_D of the distant ODE field", "bound": Bound(int, gt=0)}
+    )
+    hidden_gate: int = field(default=32, metadata={"help": "hidden size of the gating MLP", "bound": Bound(int, gt=0)})
+    ode_steps: int = field(
+        default=2, metadata={"help": "fixed RK4 steps n_ode over t in [0, 1]", "bound": Bound(int, gt=0)}
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         dims = tuple(self.dims)
         if len(dims) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
             raise ValueError(f"dims must be three integers (X, Y, Z), got {self.dims!r}")
         if min(dims) < 1:
             raise ValueError(f"dims must all be >= 1, got {dims}")
         self.dims = dims
-        if self.boundary not in BOUNDARIES:
-            raise ValueError(f"boundary must be one of {BOUNDARIES}, got {self.boundary!r}")
-        for name in ("state_size", "hidden_local", "hidden_functional", "hidden_distant",
-                     "hidden_gate", "ode_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         radii = (self.r_local, self.r_functional, self.r_distant)
-        if not all(isinstance(r, (int, float)) and math.isfinite(r) for r in radii):
-            raise ValueError(f"radii must be finite numbers, got {radii}")
         if not 0 < self.r_local < self.r_functional < self.r_distant:
             raise ValueError(
                 "radii must be strictly increasing and positive "
@@ -74,10 +77,3 @@ class LatticeConfig:
     def num_cells(self) -> int:
         x, y, z = self.dims
         return x * y * z
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LatticeConfig:
-        return config_from_dict(cls, data)

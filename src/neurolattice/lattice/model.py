@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from neurolattice.config import config_from_dict
+from neurolattice.config import Bound, Config
 
 from .config import LatticeConfig
 from .step import LatticeMoE
@@ -33,7 +32,7 @@ TASKS = ("classification", "regression")
 
 
 @dataclass
-class LatticeModelConfig:
+class LatticeModelConfig(Config):
     """A lattice model: the lattice, the input it reads, the output it predicts."""
 
     lattice: LatticeConfig = field(
@@ -43,14 +42,17 @@ class LatticeModelConfig:
     input_shape: tuple[int, ...] = field(
         default=(8, 8, 1), metadata={"help": "(X, Y, C) for image-like input, (F,) for vectors"}
     )
-    num_outputs: int = field(default=10, metadata={"help": "classes, or regression targets"})
-    task: str = field(default="classification", metadata={"help": "'classification' or 'regression'"})
-    steps: int = field(default=8, metadata={"help": "lattice steps T per forward"})
+    num_outputs: int = field(default=10, metadata={"help": "classes, or regression targets", "bound": Bound(int, gt=0)})
+    task: str = field(
+        default="classification", metadata={"help": "'classification' or 'regression'", "bound": Bound(choices=TASKS)}
+    )
+    steps: int = field(default=8, metadata={"help": "lattice steps T per forward", "bound": Bound(int, ge=0)})
     redrive: bool = field(default=True, metadata={"help": "re-drive the input face before every step"})
 
     def __post_init__(self) -> None:
         if isinstance(self.lattice, dict):
             self.lattice = LatticeConfig.from_dict(self.lattice)
+        super().__post_init__()
         self.input_shape = tuple(self.input_shape)
         if len(self.input_shape) not in (1, 3) or not all(
             isinstance(n, int) and n >= 1 for n in self.input_shape
@@ -61,25 +63,8 @@ class LatticeModelConfig:
                 f"image-like input of {self.input_shape[0]}x{self.input_shape[1]} needs lattice dims "
                 f"(X, Y) = {self.input_shape[:2]}, got {self.lattice.dims[:2]}"
             )
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if not isinstance(self.num_outputs, int) or self.num_outputs < 1:
-            raise ValueError(f"num_outputs must be a positive integer, got {self.num_outputs!r}")
         if self.task == "classification" and self.num_outputs < 2:
             raise ValueError(f"classification needs num_outputs >= 2, got {self.num_outputs}")
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "lattice": self.lattice.to_dict(), "input_shape": list(self.input_shape),
-            "num_outputs": self.num_outputs, "task": self.task, "steps": self.steps,
-            "redrive": self.redrive,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LatticeModelConfig:
-        return config_from_dict(cls, data)
 
 
 class LatticeModel(nn.Module):

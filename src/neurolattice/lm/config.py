@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from neurolattice.config import config_from_dict, config_to_dict
+from neurolattice.config import Bound, Config
 
 from .data import LMData, load_lm_data
 
@@ -20,44 +19,44 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 @dataclass
-class LMConfig:
+class LMConfig(Config):
     """A Llama-architecture decoder: pre-RMSNorm blocks of causal self-attention with rotary
     positions and a SwiGLU MLP. The defaults are the ``tiny`` preset; ``name`` only records
     which preset the sizes started from (overrides may have changed them since)."""
 
-    name: str = field(default="tiny", metadata={"help": f"preset the sizes started from: {list(PRESETS)}"})
-    d_model: int = field(default=128, metadata={"help": "hidden size d"})
-    n_layers: int = field(default=4, metadata={"help": "transformer blocks L"})
-    n_heads: int = field(default=4, metadata={"help": "attention heads (d_model / n_heads must be even)"})
-    ffn_size: int = field(default=384, metadata={"help": "hidden size of the SwiGLU MLP"})
-    seq_len: int = field(default=256, metadata={"help": "maximum positions (longest training sequence)"})
-    vocab_size: int = field(default=257, metadata={"help": "token ids (byte tokenizer: 256 bytes + end-of-doc)"})
+    name: str = field(default="tiny", metadata={
+        "help": f"preset the sizes started from: {list(PRESETS)}",
+        "bound": Bound(choices=tuple(PRESETS), says=f"a preset, one of {list(PRESETS)}")})
+    d_model: int = field(default=128, metadata={"help": "hidden size d", "bound": Bound(int, gt=0)})
+    n_layers: int = field(default=4, metadata={"help": "transformer blocks L", "bound": Bound(int, gt=0)})
+    n_heads: int = field(
+        default=4, metadata={"help": "attention heads (d_model / n_heads must be even)", "bound": Bound(int, gt=0)}
+    )
+    ffn_size: int = field(default=384, metadata={"help": "hidden size of the SwiGLU MLP", "bound": Bound(int, gt=0)})
+    seq_len: int = field(
+        default=256, metadata={"help": "maximum positions (longest training sequence)", "bound": Bound(int, gt=0)}
+    )
+    vocab_size: int = field(default=257, metadata={
+        "help": "token ids (byte tokenizer: 256 bytes + end-of-doc)", "bound": Bound(int, gt=0)})
     eod_id: int = field(default=256, metadata={"help": "end-of-document id (bos and eos of the HF config)"})
     tie_embeddings: bool = field(
-        default=True, metadata={"help": "share the input embedding with the output head"}
+        default=True, metadata={"help": "share the input embedding with the output head", "bound": Bound(bool)}
     )
-    rope_theta: float = field(default=10000.0, metadata={"help": "base of the rotary position angles"})
-    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the RMSNorms"})
-    init_std: float = field(default=0.02, metadata={"help": "std of the normal weight initialisation"})
+    rope_theta: float = field(
+        default=10000.0, metadata={"help": "base of the rotary position angles", "bound": Bound(float, gt=0)}
+    )
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the RMSNorms", "bound": Bound(float, gt=0)})
+    init_std: float = field(
+        default=0.02, metadata={"help": "std of the normal weight initialisation", "bound": Bound(float, gt=0)}
+    )
 
     def __post_init__(self) -> None:
-        if self.name not in PRESETS:
-            raise ValueError(f"name must be a preset, one of {list(PRESETS)}, got {self.name!r}")
-        for name in ("d_model", "n_layers", "n_heads", "ffn_size", "seq_len", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        super().__post_init__()
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model / n_heads must be an even integer (rotary pairs), "
                              f"got {self.d_model} / {self.n_heads}")
         if not isinstance(self.eod_id, int) or not 0 <= self.eod_id < self.vocab_size:
             raise ValueError(f"eod_id must be an integer in [0, vocab_size={self.vocab_size}), got {self.eod_id!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LMConfig:
@@ -70,30 +69,19 @@ class LMConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LMConfig:
-        return config_from_dict(cls, data)
-
 
 @dataclass
-class DataConfig:
+class DataConfig(Config):
     """The text the model trains on and how it is split and cut (see :func:`.load_lm_data`)."""
 
     folder: str | None = field(
         default=None, metadata={"help": "folder of text files (--data; default: the Python standard library)"}
     )
-    seq_len: int | None = field(default=None, metadata={"help": "tokens per sequence (default: model.seq_len)"})
+    seq_len: int | None = field(default=None, metadata={
+        "help": "tokens per sequence (default: model.seq_len)", "bound": Bound(int, gt=0, optional=True)})
     heldout_fraction: float = field(default=0.1, metadata={"help": "fraction of the files held out"})
     seed: int = field(default=0, metadata={"help": "seed of the split by file"})
     max_bytes: int | None = field(default=None, metadata={"help": "cap on the text read (default: all of it)"})
-
-    def __post_init__(self) -> None:
-        if self.seq_len is not None and (not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool)
-                                         or self.seq_len < 1):
-            raise ValueError(f"seq_len must be a positive integer, got {self.seq_len!r}")
 
     def load(self) -> LMData:
         return load_lm_data(self.folder, self.seq_len, self.heldout_fraction, self.seed, self.max_bytes)

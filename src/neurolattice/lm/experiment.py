@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neurolattice.config import config_from_dict, config_to_dict, layered_config
+from neurolattice.config import layered_config
 from neurolattice.train import SavedRun, TrainConfig, load_checkpoint, read_run_config
 
 from .config import DataConfig, LMConfig
@@ -56,7 +56,7 @@ def build_configs(preset: str, data_dir: str | None = None, config_file: str | N
     lm = LMConfig.preset(preset, **layers["model"])
     if data_dir is not None:
         layers["data"]["folder"] = data_dir
-    data = config_from_dict(DataConfig, layers["data"])
+    data = DataConfig.from_dict(layers["data"])
     if data.folder is not None:
         data.folder = str(Path(data.folder).resolve())
     data.seq_len = data.seq_len or lm.seq_len
@@ -68,7 +68,7 @@ def build_configs(preset: str, data_dir: str | None = None, config_file: str | N
 
 def run_config(lm: LMConfig, data: DataConfig) -> dict[str, Any]:
     """What the trainer saves under ``"model"`` in ``run_config.json`` (and checks on resume)."""
-    return {"model": lm.to_dict(), "data": config_to_dict(data)}
+    return {"model": lm.to_dict(), "data": data.to_dict()}
 
 
 @dataclass
@@ -83,7 +83,7 @@ def load_run(path: str | Path) -> LMRun:
     """The trained model (eval mode, CPU) and configs of a run or step directory
     (:func:`~neurolattice.train.read_run_config`, then build, then load the weights)."""
     ckpt, (lm, data) = read_run_config(path, "an LM", lambda saved: (
-        LMConfig.from_dict(saved["model"]["model"]), config_from_dict(DataConfig, saved["model"]["data"])))
+        LMConfig.from_dict(saved["model"]["model"]), DataConfig.from_dict(saved["model"]["data"])))
     model = build_model(lm)
     load_checkpoint(ckpt, model)
     return LMRun(ckpt, model.eval(), lm, data)

@@ -56,7 +56,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``root/step-<step>/`` and point ``root/latest`` at it; keep the newest ``keep``.
 
-    ``config`` must be JSON-ready (see :func:`neurolattice.config.config_to_dict`). Returns the
+    ``config`` must be JSON-ready (see :meth:`neurolattice.config.Config.to_dict`). Returns the
     checkpoint directory.
     """
     root = Path(root)

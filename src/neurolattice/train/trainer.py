@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from neurolattice.config import config_from_dict, config_to_dict
+from neurolattice.config import Bound, Config
 from neurolattice.io import atomic_write_text
 
 from . import distributed
@@ -35,68 +35,70 @@ METRICS = "metrics.jsonl"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """How to train: the optimizer step, its schedule, and the cadence of logs, evals and saves."""
 
-    steps: int = field(default=1000, metadata={"help": "optimizer steps of the run (sets the schedule)"})
+    steps: int = field(
+        default=1000, metadata={"help": "optimizer steps of the run (sets the schedule)", "bound": Bound(int, ge=1)}
+    )
     batch_size: int = field(
-        default=64, metadata={"help": "samples per optimizer step, over all micro-batches and ranks"}
+        default=64,
+        metadata={"help": "samples per optimizer step, over all micro-batches and ranks", "bound": Bound(int, ge=1)},
     )
     micro_batch_size: int | None = field(
-        default=None, metadata={"help": "samples per forward/backward (default: a rank's whole share)"}
+        default=None,
+        metadata={"help": "samples per forward/backward (default: a rank's whole share)",
+                  "bound": Bound(int, ge=1, optional=True)},
     )
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of matrices (dim >= 2)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW", "bound": Bound(float, ge=0)})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW weight decay of matrices (dim >= 2)", "bound": Bound(float, ge=0)}
+    )
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW (beta1, beta2)"})
-    warmup_steps: int = field(default=100, metadata={"help": "steps of linear warmup from lr/warmup to lr"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr of the cosine, as a fraction of lr"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0: no clipping)"})
-    seed: int = field(default=0, metadata={"help": "seed of the data order and of the RNGs (plus rank)"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps and at the end (0: end)"})
+    warmup_steps: int = field(
+        default=100, metadata={"help": "steps of linear warmup from lr/warmup to lr", "bound": Bound(int, ge=0)}
+    )
+    min_lr_ratio: float = field(
+        default=0.1, metadata={"help": "final lr of the cosine, as a fraction of lr", "bound": Bound(float, ge=0, le=1)}
+    )
+    grad_clip: float = field(
+        default=1.0, metadata={"help": "max global gradient norm (0: no clipping)", "bound": Bound(float, ge=0)}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of the data order and of the RNGs (plus rank)", "bound": Bound(int, ge=0)}
+    )
+    eval_every: int = field(
+        default=0, metadata={"help": "evaluate every N steps and at the end (0: end)", "bound": Bound(int, ge=0)}
+    )
     checkpoint_every: int = field(
-        default=0, metadata={"help": "save every N steps and when training stops (0: when it stops)"}
+        default=0,
+        metadata={"help": "save every N steps and when training stops (0: when it stops)", "bound": Bound(int, ge=0)},
     )
-    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk"})
-    log_every: int = field(default=10, metadata={"help": "log loss, lr and throughput every N steps"})
+    keep_checkpoints: int = field(
+        default=2, metadata={"help": "newest checkpoints kept on disk", "bound": Bound(int, ge=1)}
+    )
+    log_every: int = field(
+        default=10, metadata={"help": "log loss, lr and throughput every N steps", "bound": Bound(int, ge=1)}
+    )
     grad_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in backward (passed to the task's loss)"}
+        default=False,
+        metadata={"help": "recompute activations in backward (passed to the task's loss)", "bound": Bound(bool)},
     )
-    precision: str = field(default="fp32", metadata={"help": "'fp32', or 'bf16' autocast of the forward"})
+    precision: str = field(
+        default="fp32",
+        metadata={"help": "'fp32', or 'bf16' autocast of the forward", "bound": Bound(choices=PRECISIONS)},
+    )
 
     def __post_init__(self) -> None:
-        for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0),
-                          ("eval_every", 0), ("checkpoint_every", 0), ("keep_checkpoints", 1),
-                          ("log_every", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        super().__post_init__()
         mbs = self.micro_batch_size
-        if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
-            raise ValueError(f"micro_batch_size must be a positive integer or None, got {mbs!r}")
         if mbs is not None and self.batch_size % mbs:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {mbs}")
-        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0, got 0")
-        if self.min_lr_ratio > 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not isinstance(self.grad_checkpointing, bool):
-            raise ValueError(f"grad_checkpointing must be true or false, got {self.grad_checkpointing!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return config_from_dict(cls, data)
 
 
 # Fields that only set the cadence of side effects: a resumed run may change them freely.
