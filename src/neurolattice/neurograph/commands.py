@@ -184,7 +184,7 @@ class Show(_OnRun):
         paths = []
         if history_path.is_file():
             paths.append(training_curves(json.loads(history_path.read_text()), out))
-        paths.append(activity_per_step(task.evaluate(args.net, args.data_obj), out))
+        paths.append(activity_per_step(task.held_out_run(args.net, args.data_obj), args.net.config, out))
         for path in paths:
             print(f"wrote {path}")
         return 0
