@@ -74,5 +74,5 @@ def activity_per_step(run: dict[str, torch.Tensor], config: NeuroGraphConfig, ou
                     "(box: quartiles, median; whiskers: 5th-95th percentile)", fontsize=10)
     for ax in (left, right):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     return _save(fig, out / "neurograph_activity.png")
