@@ -129,7 +129,7 @@ class Show(_OnRun):
         paths = []
         if run.history_path.is_file():
             paths.append(training_curves(json.loads(run.history_path.read_text()), out))
-        paths.append(activity_per_step(task.evaluate(net, run.data), out))
+        paths.append(activity_per_step(task.held_out_run(net, run.data), net.config, out))
         for path in paths:
             print(f"wrote {path}")
         return 0

@@ -35,11 +35,17 @@ def load_data(path: str | None) -> Dataset:
     return data
 
 
+def held_out_run(net: NeuroGraph, data: Dataset) -> dict[str, Any]:
+    """:func:`~.learn.predict` on the held-out split (labels checked first): ``logits``, the
+    timesteps each sample ran ``steps`` and the active nodes after each timestep ``activity``."""
+    check_labels(data.y_test, net.config.n_output)
+    return predict(net, data.x_test.to(net.P.device))
+
+
 def evaluate(net: NeuroGraph, data: Dataset) -> dict[str, Any]:
     """Held-out ``accuracy`` with its 95% Wilson interval ``ci95``, mean ``steps`` and the mean
     active nodes after each timestep ``activity`` (over all test samples; 0 once stopped)."""
-    check_labels(data.y_test, net.config.n_output)
-    out = predict(net, data.x_test.to(net.P.device))
+    out = held_out_run(net, data)
     last = int(out["steps"].max())
     return {**score(out["logits"], data.y_test, "classification"), "steps": float(out["steps"].float().mean()),
             "activity": out["activity"][:last].float().mean(1).tolist()}
