@@ -7,14 +7,13 @@ Each command has the shape :mod:`neurolattice.cli` expects (see :mod:`neurolatti
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from neurolattice import cmdline, device
 from neurolattice.config import sections_help
 from neurolattice.lm.model import continue_prompt
-from neurolattice.train import TrainConfig, options, resolve_checkpoint
+from neurolattice.train import TrainConfig, options
 
 from .attach import detach
 from .config import BEMConfig
@@ -79,12 +78,9 @@ class Train:
         record = options.train_run(args, lambda: BEMModel(exp.base.model, exp.bem), exp.task, exp.train,
                                    run_config(exp.base, exp.bem, exp.data, exp.task_config))
         if record is not None:  # the main process
-            out = Path(args.out)
-            if "eval_bpb" in record:
-                print("held-out bits per byte: " + ", ".join(
-                    f"{d} {record[f'eval_{d}_bpb']:.4f}" for d in exp.task.data.domains))
-            print(f"checkpoint: {resolve_checkpoint(out)}")
-            print(f"next: neurolattice bem eval {out}   |   neurolattice bem generate {out} --prompt TEXT")
+            heldout = None if "eval_bpb" not in record else "held-out bits per byte: " + ", ".join(
+                f"{d} {record[f'eval_{d}_bpb']:.4f}" for d in exp.task.data.domains)
+            options.print_trained(args.out, "bem", heldout, "generate")
         return 0
 
 

@@ -10,13 +10,12 @@ Each command has the shape :mod:`neurolattice.cli` expects (see :mod:`neurolatti
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from neurolattice import cmdline, device
 from neurolattice.config import sections_help
-from neurolattice.train import TrainConfig, options, resolve_checkpoint
+from neurolattice.train import TrainConfig, options
 
 from .config import PRESETS, DataConfig, LMConfig
 from .experiment import DEFAULTS, HELDOUT_FILES, Experiment, LMRun, build_experiment, load_run, run_config
@@ -54,11 +53,8 @@ class Train:
                                    run_config(exp.lm, exp.data),
                                    records={HELDOUT_FILES: exp.task.data.heldout_files})
         if record is not None:  # the main process
-            out = Path(args.out)
-            if "eval_bpb" in record:
-                print(f"held-out bits per byte: {record['eval_bpb']:.4f}")
-            print(f"checkpoint: {resolve_checkpoint(out)}")
-            print(f"next: neurolattice lm eval {out}   |   neurolattice lm sample {out} --prompt TEXT")
+            heldout = f"held-out bits per byte: {record['eval_bpb']:.4f}" if "eval_bpb" in record else None
+            options.print_trained(args.out, "lm", heldout, "sample")
         return 0
 
 

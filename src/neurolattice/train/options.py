@@ -17,6 +17,7 @@ from neurolattice import device
 from neurolattice.io import atomic_write_json
 
 from . import distributed
+from .checkpoint import resolve_checkpoint
 from .trainer import Task, TrainConfig, Trainer, seed_everything
 
 
@@ -97,6 +98,15 @@ def _train(args: argparse.Namespace, build: Callable[[], nn.Module], task: Task,
     if trainer.step < train.steps:
         print(f"stopped at step {trainer.step} of {train.steps}: --max-minutes {args.max_minutes} ran out")
     return record
+
+
+def print_trained(out: str, system: str, heldout: str | None, then: str) -> None:
+    """What a finished ``train`` prints on the main process: the ``heldout`` line (if any), the
+    checkpoint, and the commands to run next: ``eval`` and ``then`` (e.g. ``"sample"``)."""
+    if heldout:
+        print(heldout)
+    print(f"checkpoint: {resolve_checkpoint(out)}")
+    print(f"next: neurolattice {system} eval {out}   |   neurolattice {system} {then} {out} --prompt TEXT")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
