@@ -3,19 +3,27 @@
 Each system is a subparser and each of its commands a subparser under it, defined by a
 module or class with ``HELP`` (one line), ``add_arguments(parser)``, ``check(args)`` (a one-line
 ``ValueError`` for bad input; returns what the command needs, prepared) and
-``run(args, prepared) -> int`` (see :mod:`neurolattice.cmdline`). Adding a command or a system is one
-entry in :data:`SYSTEMS`. Bad input exits with status 2 and that one line after the usage.
+``run(args, prepared) -> int`` (see :mod:`neurolattice.cmdline`). A ``ValueError`` (bad input,
+also when found during the work) exits with status 2 and one line after the usage; a
+:class:`~neurolattice.io.RunError` (a full disk, a locked run folder, an interrupted training)
+with its status and one line; ``NEUROLATTICE_TRACEBACK=1`` shows the traceback instead.
+Adding a command or a system is one entry in :data:`SYSTEMS`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from neurolattice import __version__
+from neurolattice.io import RunError
+
+# Set (to anything) to see the traceback behind a one-line error.
+TRACEBACK_ENV = "NEUROLATTICE_TRACEBACK"
 
 # system -> (help, {command: "module" or "module:attribute", a thing with HELP, add_arguments,
 # check and run}). Only the invoked system's commands are imported: the LM's pull in
@@ -72,9 +80,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(system).parse_args(argv)
     try:
         prepared = args.command_module.check(args)
-    except ValueError as err:
+        return args.command_module.run(args, prepared)
+    except ValueError as err:  # bad input, found before or during the work
+        if os.environ.get(TRACEBACK_ENV):
+            raise
         args.command_parser.error(str(err))   # prints the usage and the message, exits with 2
-    return args.command_module.run(args, prepared)
+    except RunError as err:    # a failure of the run itself: one line, what is left
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"{args.command_parser.prog}: error: {err}", file=sys.stderr)
+        return err.status
+    except KeyboardInterrupt:  # one that no trainer turned into a RunError (nothing to save)
+        print(f"{args.command_parser.prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
