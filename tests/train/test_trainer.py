@@ -4,6 +4,8 @@ with -100 padding (targets = non-ignored tokens, so micro-batches carry unequal 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -13,6 +15,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from neurolattice.train import EpochSampler, Task, TrainConfig, Trainer, lr_factor
+from neurolattice.train.trainer import Interrupted
 
 VOCAB, SEQ = 7, 6
 
@@ -269,3 +272,61 @@ def test_grad_checkpointing_and_precision_reach_the_forward():
     cfg = TrainConfig(steps=1, batch_size=8, micro_batch_size=4, grad_checkpointing=True, precision="bf16")
     Trainer(nn.Linear(6, 3), Spy(), cfg).fit(progress=False)
     assert seen == [(True, True), (True, True)]
+
+
+def test_resume_between_logs_logs_what_the_uninterrupted_run_logs(tmp_path):
+    """Logs every 2 steps, a checkpoint at step 3, a crash in step 5: the resumed run's log of
+    step 4 sums steps 3 and 4, as the uninterrupted run's does (the partial sums of step 3 are
+    in the checkpoint; without them it would log step 4 alone)."""
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=1, lr=0.05, log_every=2, checkpoint_every=3)
+    Trainer(Classify.model(1), Classify(), cfg, out_dir=tmp_path / "full").fit(progress=False)
+    crashing, calls = Classify(), 0
+
+    def loss_sum(model, batch, grad_checkpointing=False):
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise SystemExit("killed")  # anything but Ctrl-C: no save on the way out
+        return Classify.loss_sum(crashing, model, batch)
+
+    crashing.loss_sum = loss_sum
+    with pytest.raises(SystemExit):
+        Trainer(Classify.model(1), crashing, cfg, out_dir=tmp_path / "run").fit(progress=False)
+    resumed = Trainer(Classify.model(1), Classify(), cfg, out_dir=tmp_path / "run")
+    assert resumed.resume() == 3
+    resumed.fit(progress=False)
+
+    def losses(run):
+        lines = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")  # float64 model: bit-equal sums
+    assert [s for s, _ in losses(tmp_path / "run")] == [2, 4, 6]
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_to_the_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=4, micro_batch_size=2, warmup_steps=1, lr=0.05, log_every=2,
+                      checkpoint_every=100)
+    full = Trainer(Classify.model(1), Classify(), cfg, out_dir=tmp_path / "full")
+    full.fit(progress=False)
+
+    task, calls = Classify(), 0
+
+    def loss_sum(model, batch, grad_checkpointing=False):
+        nonlocal calls
+        calls += 1
+        if calls == 7:  # first micro-batch of step 4: the step still finishes
+            os.kill(os.getpid(), signal.SIGINT)
+        return Classify.loss_sum(task, model, batch)
+
+    task.loss_sum = loss_sum
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted, match=r"^interrupted at step 4 of 6: saved .*step-00000004; run the same "
+                                          r"command with --resume to continue$") as info:
+        Trainer(Classify.model(1), task, cfg, out_dir=run).fit(progress=False)
+    assert info.value.status == 130 and (run / "latest").read_text() == "step-00000004"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    resumed = Trainer(Classify.model(2), Classify(), cfg, out_dir=run)
+    assert resumed.resume() == 4
+    resumed.fit(progress=False)
+    assert max_diff(resumed.model, full.model) == 0

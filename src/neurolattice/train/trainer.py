@@ -14,7 +14,10 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from neurolattice.config import Bound, Config
-from neurolattice.io import atomic_write_text
+from neurolattice.io import RunError, atomic_write_text
 
 from . import distributed
 from .checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
@@ -313,6 +316,7 @@ class Trainer:
         self.step = 0
         self._saved_step = -1
         self._resumed_from: int | None = None
+        self._reset_sums()
 
     def config(self) -> dict[str, Any]:
         return {"model": self.model_config, "train": self.cfg.to_dict()}
@@ -356,51 +360,78 @@ class Trainer:
             deadline: float | None = None) -> dict[str, float]:
         """Train up to step ``until`` (default: ``cfg.steps``), logging, evaluating and saving on
         the way, and save when stopping. The logged ``loss`` is the mean per target since the
-        previous log. With ``deadline`` (a ``time.monotonic()`` time) training also stops, and
-        saves, at the first logging step past it; rank 0's clock decides for every rank, in one
-        all-reduce per logging step. Returns the last logged record."""
+        previous log (a resumed run carries on the sums of the steps since then, so it logs what
+        the uninterrupted run logs). With ``deadline`` (a ``time.monotonic()`` time) training
+        also stops, and saves, at the first logging step past it; rank 0's clock decides for
+        every rank, in one all-reduce per logging step.
+
+        Ctrl-C (SIGINT, in the main thread) lets the current step finish, saves, and raises
+        :class:`Interrupted` (a :class:`~neurolattice.io.RunError` naming the checkpoint); a
+        second Ctrl-C interrupts at once. Returns the last logged record."""
         cfg = self.cfg
         end = cfg.steps if until is None else min(until, cfg.steps)
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, dynamic_ncols=True,
                    disable=not (progress and distributed.is_main()))
-        loss_sum = torch.zeros((), device=self.device)
-        targets = torch.zeros((), dtype=torch.long, device=self.device)
-        clock, since, last = time.perf_counter(), 0, {}
-        while self.step < end:
-            lr = self.optimizer.param_groups[0]["lr"]
-            out = self.train_step()
-            loss_sum += out["loss_sum"]
-            targets += out["targets"]
-            since += 1
-            bar.update()
-            step, record = self.step, {"step": self.step}
-            if step % cfg.log_every == 0 or step == end:
-                seconds = time.perf_counter() - clock
-                n = targets.item()
-                record |= {"loss": distributed.all_reduce_sum(loss_sum).item() / max(n, 1), "lr": lr,
-                           "grad_norm": out["grad_norm"].item(),
-                           "samples_per_s": since * cfg.batch_size / seconds, "targets_per_s": n / seconds}
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
-                                samples_s=f"{record['samples_per_s']:.1f}",
-                                targets_s=f"{record['targets_per_s']:.1f}")
-                loss_sum.zero_()
-                targets.zero_()
-                clock, since = time.perf_counter(), 0
-                if deadline is not None and self._past(deadline):
-                    end = step
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                record |= {f"eval_{k}": v for k, v in self.evaluate().items()}
-            if len(record) > 1:
-                self._log(record)
-                last = record
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
-                self.save()
+        clock, last = time.perf_counter(), {}
+        with _deferred_interrupt() as interrupted:
+            while self.step < end:
+                lr = self.optimizer.param_groups[0]["lr"]
+                out = self.train_step()
+                self._loss_sum += out["loss_sum"]
+                self._targets += out["targets"]
+                self._since += 1
+                bar.update()
+                step, record = self.step, {"step": self.step}
+                if step % cfg.log_every == 0 or step == end:
+                    seconds = time.perf_counter() - clock
+                    n = self._targets.item()
+                    record |= {"loss": distributed.all_reduce_sum(self._loss_sum).item() / max(n, 1), "lr": lr,
+                               "grad_norm": out["grad_norm"].item(),
+                               "samples_per_s": self._since * cfg.batch_size / seconds,
+                               "targets_per_s": n / seconds}
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
+                                    samples_s=f"{record['samples_per_s']:.1f}",
+                                    targets_s=f"{record['targets_per_s']:.1f}")
+                    self._reset_sums()
+                    clock = time.perf_counter()
+                    if deadline is not None and self._past(deadline):
+                        end = step
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                    record |= {f"eval_{k}": v for k, v in self.evaluate().items()}
+                if len(record) > 1:
+                    self._log(record)
+                    last = record
+                stop = self._any(interrupted())
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end or stop:
+                    self.save()
+                if stop:
+                    bar.close()
+                    self._close_events()
+                    raise Interrupted(self.step, cfg.steps, self._checkpoint_path())
         bar.close()
+        self._close_events()
+        return last
+
+    def _reset_sums(self) -> None:
+        """Start the sums of the next logging interval (this rank's loss, all ranks' targets)."""
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._targets = torch.zeros((), dtype=torch.long, device=self.device)
+        self._since = 0
+
+    def _any(self, flag: bool) -> bool:
+        """``flag`` of any rank (one all-reduce per call on several ranks, none alone)."""
+        if distributed.world_size() == 1:
+            return flag
+        return bool(distributed.all_reduce_sum(torch.tensor(int(flag), device=self.device)).item())
+
+    def _checkpoint_path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / f"step-{self.step:08d}"
+
+    def _close_events(self) -> None:
         if self._events is not None:
             self._events.close()
             self._events = None
-        return last
 
     def _past(self, deadline: float) -> bool:
         late = torch.tensor(int(distributed.is_main() and time.monotonic() >= deadline), device=self.device)
@@ -422,9 +453,14 @@ class Trainer:
             self._events.flush()
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the weights: the step, optimizer, schedule, data
+        position, every rank's RNG state (in rank order) and the sums of the logging interval
+        under way (``log``: the loss summed over all ranks, the targets, the steps)."""
+        log = {"loss_sum": distributed.all_reduce_sum(self._loss_sum).item(), "targets": self._targets.item(),
+               "since": self._since}
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "data": self.sampler.state_dict(),
-                "rng": distributed.all_gather_object(_rng_state())}  # every rank's, in rank order
+                "rng": distributed.all_gather_object(_rng_state()), "log": log}
 
     def save(self) -> Path | None:
         """Checkpoint the current step into ``out_dir``: every rank calls it, rank 0 writes."""
@@ -457,12 +493,52 @@ class Trainer:
             _set_rng_state(state["rng"][distributed.rank()])
         self.step = self._saved_step = state["step"]
         self._resumed_from = self.step + 1
+        self._reset_sums()
+        log = state.get("log")  # absent in checkpoints written before it was saved
+        if log is not None:
+            if distributed.is_main():  # the ranks' sums are all-reduced at the next log: one holds them
+                self._loss_sum.fill_(log["loss_sum"])
+            self._targets.fill_(log["targets"])
+            self._since = log["since"]
         metrics = None if self.out_dir is None else self.out_dir / METRICS
         if metrics is not None and metrics.exists() and distributed.is_main():
             # drop what the stopped run logged after this checkpoint (and a line cut by a crash)
             kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= self.step]
             atomic_write_text(metrics, "".join(line + "\n" for line in kept))
         return self.step
+
+
+class Interrupted(RunError):
+    """Training stopped by Ctrl-C, after saving: ``step`` of ``steps``, the ``checkpoint`` saved
+    (None without an ``out_dir``). Exits the command line with status 130."""
+
+    def __init__(self, step: int, steps: int, checkpoint: Path | None) -> None:
+        where = f"saved {checkpoint}; run the same command with --resume to continue" if checkpoint \
+            else "nothing saved (no run folder)"
+        super().__init__(f"interrupted at step {step} of {steps}: {where}", status=130)
+        self.step, self.checkpoint = step, checkpoint
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """While inside, the first Ctrl-C only sets a flag (yielded as a function that reads it), so
+    the step under way finishes and the trainer saves; a second one raises KeyboardInterrupt at
+    once. Outside the main thread (where signals cannot be handled) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hits: list[int] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if hits:
+            raise KeyboardInterrupt
+        hits.append(signum)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def _logged_step(line: str) -> float:
