@@ -13,7 +13,7 @@ import argparse
 from typing import Any
 
 from neurolattice import device
-from neurolattice.io import atomic_write_json
+from neurolattice.io import atomic_write_json, check_writable
 
 
 def add_json_argument(parser: argparse.ArgumentParser, what: str = "the held-out figures") -> None:
@@ -26,6 +26,15 @@ def write_json(path: str | None, result: Any) -> None:
     if path:
         atomic_write_json(path, result)
         print(f"figures: {path}")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """One-line ``ValueError`` unless ``--out`` (a folder) and ``--json`` (a file), where the
+    command has them and they are given, can be written: checked before any work."""
+    if getattr(args, "out", None):
+        check_writable(args.out, "--out", folder=True)
+    if getattr(args, "json", None):
+        check_writable(args.json, "--json", folder=False)
 
 
 def percent(value: float | None) -> str:
@@ -55,6 +64,7 @@ class OnRun:
     @classmethod
     def check(cls, args: argparse.Namespace) -> Any:
         device.check_arguments(args)
+        check_outputs(args)
         return cls.load(args)
 
     @classmethod

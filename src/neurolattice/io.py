@@ -88,16 +88,22 @@ class FolderLock:
 
 
 def check_writable(path: str | os.PathLike, what: str, folder: bool) -> None:
-    """One-line ``ValueError`` unless ``path`` can be written: a folder (``folder``; created if
-    missing) in which a file can be made, or a file whose folder can be (it is not a folder
-    itself). ``what`` names the option in the message (``--out``, ``--json``)."""
+    """One-line ``ValueError`` unless ``path`` can be written: a folder (``folder``) or a file
+    (then not a folder itself), where its nearest existing ancestor is a folder in which a file
+    can be made (tried: permissions, read-only mounts). Nothing is created. ``what`` names the
+    option in the message (``--out``, ``--json``)."""
     path = Path(path)
     if not folder and path.is_dir():
         raise ValueError(f"{what} {path} is a folder; give a file path")
-    target = path if folder else path.parent
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    existing = (path if folder else path.parent).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path} cannot be written: {existing} is a file")
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=target):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise ValueError(f"{what} {path} is not writable: {err.strerror or err}") from None
+        raise ValueError(f"{what} {path} is not writable: {err.strerror or err} in {existing}") from None

@@ -58,8 +58,9 @@ class Train:
         warning = scale_warning(exp.data)
         if warning:
             print(warning, file=sys.stderr)
-        result, reached = experiment.train(exp, args.out, resume=args.resume, deadline=options.deadline(args),
-                                           device=device.use(args))
+        with options.run_folder(args.out, args.resume):
+            result, reached = experiment.train(exp, args.out, resume=args.resume, deadline=options.deadline(args),
+                                               device=device.use(args))
         if reached < exp.train.steps:
             print(f"stopped at step {reached} of {exp.train.steps}: --max-minutes {args.max_minutes} ran out")
         _report(exp, result, args.json)

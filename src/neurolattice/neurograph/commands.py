@@ -52,6 +52,7 @@ class Train:
     @staticmethod
     def check(args: argparse.Namespace) -> task.Experiment:
         device.check_arguments(args)
+        cmdline.check_outputs(args)
         exp = task.build(args.data, args.config, args.overrides)
         options.check_out(args.out, resume=None)  # a run is chosen among restarts at its end: nothing to resume
         return exp

@@ -5,16 +5,17 @@ directory, a time budget, resuming; every system's ``train``), training with the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from neurolattice import device
-from neurolattice.io import atomic_write_json
+from neurolattice import cmdline, device
+from neurolattice.io import FolderLock, atomic_write_json
 
 from . import distributed
 from .checkpoint import resolve_checkpoint
@@ -32,11 +33,23 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_out: str) -> None
 
 def check_run_arguments(args: argparse.Namespace) -> None:
     """One-line ``ValueError`` for a bad ``--device`` or ``--threads``, a negative budget,
-    ``--resume`` without a run in ``--out``, or a new run over an existing one."""
+    ``--resume`` without a run in ``--out``, a new run over an existing one, or an ``--out``
+    (or ``--json``, where the command has it) that cannot be written."""
     device.check_arguments(args)
+    cmdline.check_outputs(args)
     if args.max_minutes is not None and not args.max_minutes >= 0:
         raise ValueError(f"--max-minutes must be >= 0, got {args.max_minutes}")
     check_out(args.out, args.resume)
+
+
+@contextlib.contextmanager
+def run_folder(out: str, resume: bool | None) -> Iterator[None]:
+    """Hold ``out`` for the run inside: its :class:`~neurolattice.io.FolderLock` (a second
+    process writing there gets one line), then, under the lock, :func:`check_out` again (the
+    first check ran before the lock; this one decides)."""
+    with FolderLock(out):
+        check_out(out, resume)
+        yield
 
 
 def check_out(out: str, resume: bool | None = False) -> None:
@@ -60,9 +73,9 @@ def train_run(args: argparse.Namespace, build: Callable[[], nn.Module], task: Ta
     """Train the model ``build()`` makes (after seeding with ``train.seed``) on ``task`` into
     ``--out`` with the shared trainer, alone or on the ranks ``torchrun`` started; ``--resume``
     continues the run there and ``--max-minutes`` stops it with a checkpoint. The main process
-    writes ``records`` (file name -> JSON) into ``--out`` before training and says where the
-    budget stopped it. A ``ValueError`` of the trainer (a batch the ranks do not divide, a
-    resumed run of another config) exits as a usage error, in one line.
+    holds ``--out`` (:func:`run_folder`), writes ``records`` (file name -> JSON) into it before
+    training and says where the budget stopped it. A ``ValueError`` of the trainer (a batch the
+    ranks do not divide, a resumed run of another config) reaches the command line: one line.
 
     ``--device`` and ``--threads`` say where: on CUDA each rank takes GPU ``LOCAL_RANK``.
 
@@ -81,18 +94,15 @@ def _train(args: argparse.Namespace, build: Callable[[], nn.Module], task: Task,
            model_config: dict[str, Any], records: dict[str, Any], here: torch.device) -> dict[str, float] | None:
     stop_at = deadline(args)
     out = Path(args.out)
-    seed_everything(train.seed)
-    model = build().to(here)
-    try:  # the batch split over the ranks, the resumed run's config
-        trainer = Trainer(model, task, train, out_dir=out, model_config=model_config)
+    with run_folder(args.out, args.resume) if distributed.is_main() else contextlib.nullcontext():
+        seed_everything(train.seed)
+        trainer = Trainer(build().to(here), task, train, out_dir=out, model_config=model_config)
         if args.resume:
             trainer.resume()
-    except ValueError as err:
-        args.command_parser.error(str(err))
-    if distributed.is_main():
-        for name, value in records.items():
-            atomic_write_json(out / name, value)
-    record = trainer.fit(deadline=stop_at)
+        if distributed.is_main():
+            for name, value in records.items():
+                atomic_write_json(out / name, value)
+        record = trainer.fit(deadline=stop_at)
     if not distributed.is_main():
         return None
     if trainer.step < train.steps:
