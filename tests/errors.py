@@ -28,3 +28,14 @@ def cli_error(capsys, argv: list[str]) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith(f"neurolattice {argv[0]} ")
     return lines[-1].split(" error: ", 1)[1]
+
+
+def run_error(capsys, argv: list[str], status: int = 1) -> str:
+    """The message of the one line a failed run prints (a full disk, a locked folder, Ctrl-C):
+    the command must return ``status`` and its last stderr line read
+    ``neurolattice SYSTEM COMMAND: error: MESSAGE``."""
+    capsys.readouterr()
+    assert main(argv) == status
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"neurolattice {argv[0]} {argv[1]}: error: "), line
+    return line.split(" error: ", 1)[1]

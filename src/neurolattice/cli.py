@@ -13,6 +13,7 @@ Adding a command or a system is one entry in :data:`SYSTEMS`.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -90,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{args.command_parser.prog}: error: {err}", file=sys.stderr)
         return err.status
+    except OSError as err:     # what no writer turned into a RunError: a full disk, a folder gone
+        if os.environ.get(TRACEBACK_ENV) or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        print(f"{args.command_parser.prog}: error: {err.strerror}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # one that no trainer turned into a RunError (nothing to save)
         print(f"{args.command_parser.prog}: interrupted", file=sys.stderr)
         return 130

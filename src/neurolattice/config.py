@@ -93,13 +93,29 @@ class Config:
                 raise ValueError(f"{f.name} must be {bound.says}, got {value!r}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        """The config of ``data``; unknown keys raise a one-line ``ValueError``."""
+    def from_dict(cls, data: dict[str, Any], saved: bool = False) -> Self:
+        """The config of ``data``, its keys checked first (:meth:`check_keys`)."""
+        cls.check_keys(data, saved)
+        return cls(**data)
+
+    @classmethod
+    def check_keys(cls, data: Any, saved: bool = False) -> None:
+        """One-line ``ValueError`` unless ``data`` is a dict of this config's keys. A user's
+        config may leave keys out (they take their defaults); a ``saved`` one (read back from a
+        run) may not: a missing key is an error naming it, never today's default, except for a
+        field whose metadata says ``"old_runs_lack": True`` (added after runs were saved
+        without it; its default is what those runs did)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a {cls.__name__} must be a table of keys, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        if saved:
+            missing = sorted(f.name for f in dataclasses.fields(cls)
+                             if f.name not in data and not f.metadata.get("old_runs_lack"))
+            if missing:
+                raise ValueError(f"the saved {cls.__name__} lacks key(s) {missing}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict: tuples become lists, a nested config a nested dict."""

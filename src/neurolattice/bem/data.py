@@ -59,9 +59,10 @@ class DomainDataConfig(Config):
     seed: int = field(default=0, metadata={
         "help": "seed of the topic split and of a folder's split (the Python file split is the base's)"})
     folders: dict[str, str] | None = field(default=None, metadata={
-        "help": "the domains as {name = folder of text files} (--data NAME=DIR; default: python and prose)"})
+        "help": "the domains as {name = folder of text files} (--data NAME=DIR; default: python and prose)",
+        "old_runs_lack": True})
     heldout_fraction: float = field(default=0.15, metadata={
-        "help": "fraction of a folder's files held out", "bound": Bound(float, gt=0, lt=1)})
+        "help": "fraction of a folder's files held out", "bound": Bound(float, gt=0, lt=1), "old_runs_lack": True})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -121,9 +121,9 @@ def load_run(path: str | Path, base_path: str | None = None) -> BEMRun:
     base, build the model, load the adapters. A base with another fingerprint is a one-line
     ``ValueError``."""
     ckpt, (record, bem, data, task_cfg) = read_run_config(path, "a BEM", lambda saved: (
-        saved["model"]["base"], BEMConfig.from_dict(saved["model"]["bem"]),
-        DomainDataConfig.from_dict(saved["model"]["data"]),
-        TaskConfig.from_dict(saved["model"]["task"])))
+        saved["model"]["base"], BEMConfig.from_dict(saved["model"]["bem"], saved=True),
+        DomainDataConfig.from_dict(saved["model"]["data"], saved=True),
+        TaskConfig.from_dict(saved["model"]["task"], saved=True)))
     base = Base.load(base_path or record["path"])
     if base.fingerprint != record["fingerprint"]:
         raise ValueError(f"{ckpt} holds adapters for another base model: fingerprint {record['fingerprint']} "

@@ -103,12 +103,26 @@ class LatticeRun(SavedRun):
     baseline: LatticeModel | None
 
 
+def _saved_model_config(data: dict[str, Any]) -> LatticeModelConfig:
+    """The saved model config: its keys, then those of the lattice inside it, then the values."""
+    LatticeModelConfig.check_keys(data, saved=True)
+    return LatticeModelConfig.from_dict({**data, "lattice": LatticeConfig.from_dict(data["lattice"], saved=True)},
+                                        saved=True)
+
+
+def _saved_data_spec(spec: dict[str, str]) -> dict[str, str]:
+    """The saved data spec, checked: ``{"task": "digits"}`` or ``{"path": ...}``."""
+    if spec.get("task") != "digits" and not isinstance(spec.get("path"), str):
+        raise ValueError(f"the saved data is neither the digits task nor a file path: {spec!r}")
+    return spec
+
+
 def load_run(path: str | Path) -> LatticeRun:
     """The trained model, its experiment and (if present) the ``T = 0`` baseline of a run
     directory or one of its step directories (:func:`~neurolattice.train.read_run_config`)."""
     ckpt, (model_cfg, spec, train_cfg) = read_run_config(path, "a lattice model", lambda saved: (
-        LatticeModelConfig.from_dict(saved["model"]["model"]), saved["model"]["data"],
-        TrainConfig.from_dict(saved["train"])))
+        _saved_model_config(saved["model"]["model"]), _saved_data_spec(saved["model"]["data"]),
+        TrainConfig.from_dict(saved["train"], saved=True)))
     exp = Experiment(load_data(spec), spec, model_cfg, train_cfg)
     model = LatticeModel(model_cfg).eval()
     load_checkpoint(ckpt, model)

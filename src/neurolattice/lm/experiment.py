@@ -83,7 +83,8 @@ def load_run(path: str | Path) -> LMRun:
     """The trained model (eval mode, CPU) and configs of a run or step directory
     (:func:`~neurolattice.train.read_run_config`, then build, then load the weights)."""
     ckpt, (lm, data) = read_run_config(path, "an LM", lambda saved: (
-        LMConfig.from_dict(saved["model"]["model"]), DataConfig.from_dict(saved["model"]["data"])))
+        LMConfig.from_dict(saved["model"]["model"], saved=True),
+        DataConfig.from_dict(saved["model"]["data"], saved=True)))
     model = build_model(lm)
     load_checkpoint(ckpt, model)
     return LMRun(ckpt, model.eval(), lm, data)

@@ -132,16 +132,22 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 def read_run_config(path: str | os.PathLike, system: str, parse: Callable[[dict[str, Any]], T]) -> tuple[Path, T]:
     """The first half of loading a saved run, the same in every system: resolve ``path`` (run or
     step directory) to its checkpoint, read its ``run_config.json`` and ``parse`` it into the
-    system's configs. A missing checkpoint, a corrupt file, or a config without the keys (or
-    types) ``parse`` reads is a one-line ``ValueError`` (``... is not a lattice checkpoint``).
+    system's configs (with ``Config.from_dict(..., saved=True)``: no key left to a default). A
+    missing checkpoint, a corrupt file, or a config without the keys, types or values ``parse``
+    reads is a one-line ``ValueError`` (``... is not a lattice model checkpoint (...)``).
     Building the model and :func:`load_checkpoint` are the system's second half; the result is a
     :class:`SavedRun`."""
     ckpt = resolve_checkpoint(path)
     saved = read_config(ckpt)
     try:
         return ckpt, parse(saved)
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{ckpt} is not {system} checkpoint (its {CONFIG} lacks {err})") from None
+    except KeyError as err:
+        reason = f"its {CONFIG} lacks {err}"
+    except (TypeError, AttributeError) as err:
+        reason = f"its {CONFIG} has a value of the wrong type ({err})"
+    except ValueError as err:
+        reason = f"its {CONFIG}: {err}"
+    raise ValueError(f"{ckpt} is not {system} checkpoint ({reason})")
 
 
 @dataclass
