@@ -1,7 +1,9 @@
 """Learning: index updates by thresholded accumulation, the reference cache after updates,
-and that training moves a small network towards the labels."""
+that training moves a small network towards the labels, and that a fit stopped after any batch
+and taken back from its saved state ends where the uninterrupted one does."""
 
 import copy
+import io
 import math
 from dataclasses import replace
 
@@ -10,6 +12,7 @@ import torch
 
 from neurolattice.neurograph import NeuroGraph, propagate
 from neurolattice.neurograph.learn import (
+    Fitting,
     accuracy,
     check_labels,
     fit,
@@ -185,6 +188,37 @@ def test_fit_without_validation_is_plain_training():
     assert [h["loss"] for h in result.history] == [h["loss"] for h in history]
     for name, value in plain.state_dict().items():
         assert torch.equal(value, result.net.state_dict()[name]), name
+
+
+def test_a_fit_stopped_saved_and_taken_back_ends_as_the_uninterrupted_one():
+    """3 restarts x 5 batches per epoch, a 2-epoch probe, 4 epochs (40 batches): stopped after
+    batch 3 (mid-epoch), 5 (an epoch's end), 12 (mid-epoch of the second restart), 30 (the end of
+    the probe, the restart just chosen) and 33, its state saved (``torch.save``, as a checkpoint
+    holds it) and loaded into a fresh ``Fitting``, which trains on to the end: the network,
+    history, restarts and choices equal :func:`fit`'s in every bit."""
+    config = _fit_config()
+    x, y = _blobs()
+    whole = fit(config, x, y)
+    for stop_at in (3, 5, 12, 30, 33):
+        first = Fitting(config, x, y)
+        assert first.steps == 40
+        while first.step < stop_at:
+            first.epoch(stop=lambda first=first, stop_at=stop_at: first.step >= stop_at)
+        assert first.step == stop_at and not first.finished
+        saved = io.BytesIO()
+        torch.save(first.state_dict(), saved)
+        del first
+        saved.seek(0)
+        resumed = Fitting(config, x, y)
+        resumed.load_state_dict(torch.load(saved, weights_only=True))
+        while not resumed.finished:
+            resumed.epoch()
+        result = resumed.result()
+        assert resumed.step == 40
+        assert (result.history, result.restarts, result.seed, result.best_epoch, result.validation_accuracy) == (
+            whole.history, whole.restarts, whole.seed, whole.best_epoch, whole.validation_accuracy), stop_at
+        for name, value in whole.net.state_dict().items():
+            assert torch.equal(value, result.net.state_dict()[name]), (stop_at, name)
 
 
 @pytest.mark.parametrize("kwargs, words", [

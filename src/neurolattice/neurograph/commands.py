@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ import torch
 from neurolattice import cmdline, device
 from neurolattice.cmdline import percent
 from neurolattice.config import sections_help
-from neurolattice.io import atomic_write_json
-from neurolattice.train import options, save_checkpoint
+from neurolattice.train import options, resolve_checkpoint
 
 from . import learn, task
 from .config import NeuroGraphConfig
@@ -44,18 +42,14 @@ class Train:
         parser.add_argument("--data", metavar="FILE.npz", help="a .npz with x [n, ...] and integer labels y [n] "
                                                               "(default: scikit-learn digits)")
         parser.add_argument("--config", metavar="FILE.toml", help="TOML file with a [neurograph] table")
-        parser.add_argument("--out", default="runs/neurograph", help="run directory (default: %(default)s)")
-        device.add_device_arguments(parser)
+        options.add_run_arguments(parser, "runs/neurograph")
         cmdline.add_json_argument(parser)
         parser.add_argument("overrides", nargs="*", metavar="neurograph.KEY=VALUE", help="config overrides")
 
     @staticmethod
     def check(args: argparse.Namespace) -> task.Experiment:
-        device.check_arguments(args)
-        cmdline.check_outputs(args)
-        exp = task.build(args.data, args.config, args.overrides)
-        options.check_out(args.out, resume=None)  # a run is chosen among restarts at its end: nothing to resume
-        return exp
+        options.check_run_arguments(args)
+        return task.build(args.data, args.config, args.overrides)
 
     @staticmethod
     def run(args: argparse.Namespace, exp: task.Experiment) -> int:
@@ -72,15 +66,15 @@ class Train:
                   f"held-out {percent(entry['test_accuracy'])}, "
                   f"active nodes {entry['active_nodes']:.0f}, steps {entry['steps']:.2f}", flush=True)
 
-        start = time.perf_counter()
-        result = learn.fit(config, data.x_train, data.y_train, on_epoch=report, device=where)
-        seconds = time.perf_counter() - start
-        net = result.net
-        run_config = {"neurograph": config.to_dict(), "selection": {"seed": result.seed},
-                      "data": {"path": exp.data_path, "n_features": data.x_train.shape[1], "name": data.name}}
-        ckpt = save_checkpoint(args.out, config.epochs, net, run_config)
-        atomic_write_json(Path(args.out) / task.HISTORY, result.history)
-        figures = {**task.held_out_figures(net, data), "validation_accuracy": result.validation_accuracy,
+        with options.run_folder(args.out, args.resume):
+            fitting, seconds = task.train(exp, args.out, args.resume, options.deadline(args), report, where)
+        ckpt = resolve_checkpoint(args.out)
+        if not fitting.finished:
+            print(f"stopped at step {fitting.step} of {fitting.steps}: --max-minutes {args.max_minutes} ran out; "
+                  f"saved {ckpt}; run the same command with --resume to continue")
+            return 0
+        result = fitting.result()
+        figures = {**task.held_out_figures(result.net, data), "validation_accuracy": result.validation_accuracy,
                    "best_epoch": result.best_epoch, "chosen_seed": result.seed, "restarts": result.restarts,
                    "train_seconds": seconds, "test_samples": len(data.y_test), "seed": config.seed}
         _report(figures, args.json)
@@ -95,7 +89,10 @@ class _OnRun(cmdline.OnRun):
 
     @classmethod
     def load(cls, args: argparse.Namespace) -> task.NeuroGraphRun:
-        return task.load_run(args.ckpt, args.data)
+        run = task.load_run(args.ckpt, args.data)
+        if run.unfinished:
+            print(run.unfinished)
+        return run
 
 
 class Eval(_OnRun):

@@ -14,7 +14,8 @@
 - The input projection (continuous) takes Adam steps at ``lr_input``.
 - Training (:func:`fit`, the one entry point; :func:`train_step` is one step of it): a
   validation split carved from the training set (never the held-out one) picks the best of
-  ``restarts`` networks and the chosen network's best epoch.
+  ``restarts`` networks and the chosen network's best epoch. Its state (:class:`Fitting`) can be
+  saved after any batch and taken back to go on exactly.
 """
 
 from __future__ import annotations
@@ -122,8 +123,9 @@ class Training:
     """One network's training run over ``(x, y)`` (labels checked by :func:`fit`): Adam on the
     input projection, the data order (a generator seeded by the network's ``config.seed``), every
     learning rate scaled by a cosine decay from 1 to 0 over ``config.epochs`` epochs.
-    :meth:`epoch` runs the next epoch, so :func:`fit` can stop a run after a few epochs (a
-    restart's probe) and go on later on the same schedule."""
+    :meth:`epoch` runs the next epoch, or the rest of one cut short after a batch, so
+    :class:`Fitting` can stop a run after a few epochs (a restart's probe) or after any batch and
+    go on later on the same schedule; :meth:`state_dict` is everything that going on needs."""
 
     def __init__(self, net: NeuroGraph, x: torch.Tensor, y: torch.Tensor) -> None:
         c = net.config
@@ -133,28 +135,60 @@ class Training:
         self.gen = torch.Generator().manual_seed(c.seed)
         self.total = c.epochs * math.ceil(len(x) / c.batch_size)
         self.done = self.epochs_done = 0
+        # the epoch under way: its data order (None between epochs), its next sample, its sums so far
+        self.order: torch.Tensor | None = None
+        self.position = 0
+        self.totals: dict[str, float] = {}
 
-    def epoch(self) -> dict[str, Any]:
-        """One epoch of :func:`train_step` over shuffled batches; returns its entry (``epoch``,
-        ``loss``, ``train_accuracy``, ``active_nodes``, ``steps``, ``moved``)."""
+    def epoch(self, stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+        """The next epoch of :func:`train_step` over shuffled batches, or the rest of the one under
+        way; returns its entry (``epoch``, ``loss``, ``train_accuracy``, ``active_nodes``,
+        ``steps``, ``moved``), or None where ``stop()`` (asked after every batch) was true before
+        the epoch's last batch: the next call goes on from the next batch."""
         c, x, y = self.net.config, self.x, self.y
-        self.epochs_done += 1
-        order = torch.randperm(len(x), generator=self.gen)
-        totals = {"loss": 0.0, "correct": 0, "moved": 0, "active": 0.0, "steps": 0.0}
-        batches = range(0, len(x), c.batch_size)
-        with tqdm(batches, desc=f"neurograph epoch {self.epochs_done}/{c.epochs}", unit="batch", disable=None,
-                  leave=False) as bar:
-            for i in bar:
-                idx = order[i:i + c.batch_size]
+        if self.order is None:
+            self.order = torch.randperm(len(x), generator=self.gen)
+            self.position = 0
+            self.totals = {"loss": 0.0, "correct": 0, "moved": 0, "active": 0.0, "steps": 0.0}
+        with tqdm(total=math.ceil(len(x) / c.batch_size), initial=self.position // c.batch_size, unit="batch",
+                  desc=f"neurograph epoch {self.epochs_done + 1}/{c.epochs}", disable=None, leave=False) as bar:
+            while self.position < len(x):
+                idx = self.order[self.position:self.position + c.batch_size]
                 factor = 0.5 * (1 + math.cos(math.pi * self.done / self.total))
                 stats = train_step(self.net, self.optimizer, x[idx], y[idx], lr_factor=factor)
                 self.done += 1
-                for key in totals:
-                    totals[key] += stats[key] * (len(idx) if key in ("loss", "active", "steps") else 1)
+                self.position += len(idx)
+                for key in self.totals:
+                    self.totals[key] += stats[key] * (len(idx) if key in ("loss", "active", "steps") else 1)
+                bar.update()
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", active=f"{stats['active']:.0f}")
+                if stop is not None and self.position < len(x) and stop():
+                    return None
+        self.order, self.epochs_done, totals = None, self.epochs_done + 1, self.totals
         return {"epoch": self.epochs_done, "loss": totals["loss"] / len(x),
                 "train_accuracy": totals["correct"] / len(x), "active_nodes": totals["active"] / len(x),
                 "steps": totals["steps"] / len(x), "moved": totals["moved"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The network (``state_dict()`` and ``version``), Adam's state, the data order's
+        generator, the batches and epochs done, and the epoch under way (``order``, ``position``,
+        ``totals``; None between epochs). The tensors are the live ones: save them before
+        training on."""
+        epoch = None if self.order is None else {"order": self.order, "position": self.position,
+                                                 "totals": dict(self.totals)}
+        return {"net": self.net.state_dict(), "version": self.net.version, "optimizer": self.optimizer.state_dict(),
+                "generator": self.gen.get_state(), "done": self.done, "epochs_done": self.epochs_done, "epoch": epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.net.version = state["version"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        self.done, self.epochs_done = state["done"], state["epochs_done"]
+        epoch = state["epoch"]
+        self.order = None if epoch is None else epoch["order"]
+        if epoch is not None:
+            self.position, self.totals = epoch["position"], dict(epoch["totals"])
 
 
 def validation_split(y: torch.Tensor, fraction: float,
@@ -191,6 +225,101 @@ class Fit:
     validation_accuracy: float | None
 
 
+class Fitting:
+    """:func:`fit` under way, in a state that can be saved and taken back: the ``restarts``
+    :class:`Training` runs, the validation split, each run's best-validation snapshot
+    (``best[r]``: ``(validation_accuracy, epoch, state_dict)`` or None) and history, and the
+    restart ``chosen`` once the probe is over (None while probing).
+
+    :meth:`epoch` trains the next epoch of :func:`fit`'s schedule (every restart's probe in turn,
+    then the chosen one on to ``epochs``), or only up to a batch where ``stop()`` says so;
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore all of it, so a run stopped
+    after any batch and taken back goes on to the uninterrupted run's result, bit for bit.
+    ``step`` counts the batches trained (one optimizer step each), all restarts together, out
+    of ``steps``; :meth:`result` is :func:`fit`'s return value, or the same for the run so far.
+    """
+
+    def __init__(self, config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+        check_labels(y, config.n_output)
+        if len(x) != len(y):
+            raise ValueError(f"features and labels must have the same number of rows, got {len(x)} and {len(y)}")
+        if config.validation_fraction > 0:
+            fit_rows, val_rows = validation_split(y, config.validation_fraction)
+            x_fit, y_fit = x[fit_rows].to(device), y[fit_rows].to(device)
+            self.x_val, self.y_val = x[val_rows].to(device), y[val_rows].to(device)
+        else:
+            x_fit, y_fit, self.x_val, self.y_val = x.to(device), y.to(device), None, None
+        self.config, self.dtype, self.device = config, dtype, device
+        self.seeds = [config.seed * config.restarts + r for r in range(config.restarts)]
+        self.runs = [Training(NeuroGraph(replace(config, seed=s), x.shape[1], dtype=dtype).to(device), x_fit, y_fit)
+                     for s in self.seeds]
+        self.histories: list[list[dict[str, Any]]] = [[] for _ in self.runs]
+        self.best: list[tuple[float, int, dict[str, torch.Tensor]] | None] = [None] * len(self.runs)
+        self.probe = (config.probe_epochs or config.epochs) if config.restarts > 1 else 0
+        self.chosen: int | None = 0 if self.probe == 0 else None
+        batches = math.ceil(len(x_fit) / config.batch_size)
+        self.steps = batches * (len(self.runs) * self.probe + config.epochs - self.probe)
+
+    @property
+    def step(self) -> int:
+        return sum(run.done for run in self.runs)
+
+    @property
+    def finished(self) -> bool:
+        return self.chosen is not None and self.runs[self.chosen].epochs_done == self.config.epochs
+
+    def epoch(self, on_epoch: Callable[[dict[str, Any], NeuroGraph], None] | None = None,
+              stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+        """The next epoch of the schedule, or the rest of the one ``stop`` cut short
+        (:meth:`Training.epoch`), its validation accuracy and snapshot, then ``on_epoch(entry,
+        net)``; returns the entry, or None where ``stop`` cut this epoch short."""
+        r = self.chosen if self.chosen is not None else next(
+            i for i, run in enumerate(self.runs) if run.epochs_done < self.probe)
+        net = self.runs[r].net
+        stats = self.runs[r].epoch(stop)
+        if stats is None:
+            return None
+        entry = {**stats, "restart": r, "seed": self.seeds[r]}
+        if self.x_val is not None:
+            entry["validation_accuracy"] = accuracy(net, self.x_val, self.y_val)
+            if self.best[r] is None or entry["validation_accuracy"] >= self.best[r][0]:
+                self.best[r] = (entry["validation_accuracy"], entry["epoch"], copy.deepcopy(net.state_dict()))
+        self.histories[r].append(entry)
+        if on_epoch is not None:
+            on_epoch(entry, net)
+        if self.chosen is None and self.runs[-1].epochs_done == self.probe:
+            self.chosen = max(range(len(self.runs)), key=lambda i: (self.best[i][0], -i))
+        return entry
+
+    def result(self) -> Fit:
+        """What :func:`fit` returns; before the end, the same for the run so far: the chosen
+        restart (while probing, the best of those validated so far; restart 0 before any) at its
+        best epoch so far (without a validation split: the network as it stands)."""
+        scored = [r for r, best in enumerate(self.best) if best is not None]
+        r = self.chosen if self.chosen is not None else max(scored, key=lambda i: (self.best[i][0], -i), default=0)
+        restarts = [{"seed": s, "validation_accuracy": b[0] if self.probe and b is not None else None}
+                    for s, b in zip(self.seeds, self.best)]
+        run, best = self.runs[r], self.best[r]
+        if best is None:
+            return Fit(run.net, self.histories[r], restarts, self.seeds[r], run.epochs_done, None)
+        net = NeuroGraph(run.net.config, run.net.n_features, run.net.graph, dtype=self.dtype).to(self.device)
+        net.load_state_dict(best[2])
+        net.version = run.net.version + 1          # one that no cache of the run's network has seen
+        return Fit(net, self.histories[r], restarts, self.seeds[r], best[1], best[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every run's :meth:`Training.state_dict`, the histories, the snapshots and ``chosen``
+        (live tensors: save them before training on)."""
+        return {"runs": [run.state_dict() for run in self.runs], "histories": self.histories, "best": self.best,
+                "chosen": self.chosen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for run, saved in zip(self.runs, state["runs"], strict=True):
+            run.load_state_dict(saved)
+        self.histories, self.best, self.chosen = state["histories"], state["best"], state["chosen"]
+
+
 def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
         on_epoch: Callable[[dict[str, Any], NeuroGraph], None] | None = None,
         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Fit:
@@ -212,48 +341,11 @@ def fit(config: NeuroGraphConfig, x: torch.Tensor, y: torch.Tensor,
     The networks and the data live on ``device``. ``on_epoch(entry, net)`` is called after
     every epoch of every run (``entry`` has ``restart`` and ``seed``); it may add keys to
     ``entry`` (the CLI adds the held-out accuracy for the plot), and nothing it adds is read here.
+    The state lives in a :class:`Fitting` run here to its end; a caller that saves it on the way
+    (:func:`neurolattice.neurograph.task.train`, with a checkpoint after every epoch) drives the
+    :class:`Fitting` itself, one :meth:`~Fitting.epoch` at a time.
     """
-    check_labels(y, config.n_output)
-    if len(x) != len(y):
-        raise ValueError(f"features and labels must have the same number of rows, got {len(x)} and {len(y)}")
-    if config.validation_fraction > 0:
-        fit_rows, val_rows = validation_split(y, config.validation_fraction)
-        x_fit, y_fit, x_val, y_val = x[fit_rows], y[fit_rows], x[val_rows], y[val_rows]
-    else:
-        x_fit, y_fit, x_val, y_val = x, y, None, None
-    x_fit, y_fit = x_fit.to(device), y_fit.to(device)
-    if x_val is not None:
-        x_val, y_val = x_val.to(device), y_val.to(device)
-    seeds = [config.seed * config.restarts + r for r in range(config.restarts)]
-    runs = [Training(NeuroGraph(replace(config, seed=s), x.shape[1], dtype=dtype).to(device), x_fit, y_fit)
-            for s in seeds]
-    histories: list[list[dict[str, Any]]] = [[] for _ in runs]
-    best: list[tuple[float, int, dict[str, torch.Tensor]] | None] = [None] * len(runs)
-
-    def advance(r: int) -> None:
-        net = runs[r].net
-        entry = {**runs[r].epoch(), "restart": r, "seed": seeds[r]}
-        if x_val is not None:
-            entry["validation_accuracy"] = accuracy(net, x_val, y_val)
-            if best[r] is None or entry["validation_accuracy"] >= best[r][0]:
-                best[r] = (entry["validation_accuracy"], entry["epoch"], copy.deepcopy(net.state_dict()))
-        histories[r].append(entry)
-        if on_epoch is not None:
-            on_epoch(entry, net)
-
-    probe = (config.probe_epochs or config.epochs) if config.restarts > 1 else 0
-    for r in range(len(runs)):
-        for _ in range(probe):
-            advance(r)
-    chosen = 0 if probe == 0 else max(range(len(runs)), key=lambda r: (best[r][0], -r))
-    for _ in range(config.epochs - probe):
-        advance(chosen)
-    net = runs[chosen].net
-    restarts = [{"seed": s, "validation_accuracy": b[0] if probe else None} for s, b in zip(seeds, best)]
-    if best[chosen] is None:
-        return Fit(net, histories[chosen], restarts, seeds[chosen], config.epochs, None)
-    val_acc, epoch, state = best[chosen]
-    net.load_state_dict(state)
-    net.version += 1
-    return Fit(net, histories[chosen], restarts, seeds[chosen], epoch, val_acc)
-
+    fitting = Fitting(config, x, y, dtype, device)
+    while not fitting.finished:
+        fitting.epoch(on_epoch)
+    return fitting.result()
