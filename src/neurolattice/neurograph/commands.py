@@ -42,7 +42,7 @@ class Train:
         parser.add_argument("--data", metavar="FILE.npz", help="a .npz with x [n, ...] and integer labels y [n] "
                                                               "(default: scikit-learn digits)")
         parser.add_argument("--config", metavar="FILE.toml", help="TOML file with a [neurograph] table")
-        options.add_run_arguments(parser, "runs/neurograph")
+        options.add_run_arguments(parser, "runs/neurograph", stops_at="the end of the first epoch")
         cmdline.add_json_argument(parser)
         parser.add_argument("overrides", nargs="*", metavar="neurograph.KEY=VALUE", help="config overrides")
 

@@ -38,7 +38,7 @@ from neurolattice.train import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from neurolattice.train.trainer import Interrupted, _deferred_interrupt
+from neurolattice.train.trainer import Interrupted, deferred_interrupt
 
 from .config import NeuroGraphConfig
 from .learn import Fitting, check_labels, predict
@@ -129,7 +129,7 @@ def train(exp: Experiment, out: str | os.PathLike, resume: bool = False, deadlin
         fitting.load_state_dict(state["fitting"])
         seconds = state["seconds"]
     start = time.perf_counter()
-    with _deferred_interrupt() as interrupted:
+    with deferred_interrupt() as interrupted:
         while not fitting.finished:
             fitting.epoch(on_epoch, stop=interrupted)
             ckpt = save(out, fitting, sections, seconds + time.perf_counter() - start)
@@ -180,7 +180,7 @@ def load_run(path: str, data_path: str | None = None, expected: NeuroGraphConfig
     network is built with the seed of the restart the run kept (``selection.seed``), so its
     ``config.seed`` is that one."""
     ckpt, (config, n_features, source, saved) = read_run_config(path, "a neurograph", lambda saved: (
-        NeuroGraphConfig.from_dict(saved["neurograph"]), int(saved["data"]["n_features"]), saved["data"]["path"],
+        NeuroGraphConfig.from_dict(saved["neurograph"], saved=True), int(saved["data"]["n_features"]), saved["data"]["path"],
         saved))
     data = load_data(data_path if data_path is not None else source)
     if data.x_test.shape[1] != n_features:

@@ -22,11 +22,13 @@ from .checkpoint import resolve_checkpoint
 from .trainer import Task, TrainConfig, Trainer, seed_everything
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
-    """``--out DIR``, ``--max-minutes M``, ``--resume``, ``--device`` and ``--threads``."""
+def add_run_arguments(parser: argparse.ArgumentParser, default_out: str,
+                      stops_at: str = "the first logging step") -> None:
+    """``--out DIR``, ``--max-minutes M`` (it stops the run at ``stops_at`` after M minutes),
+    ``--resume``, ``--device`` and ``--threads``."""
     parser.add_argument("--out", default=default_out, help="run directory (default: %(default)s)")
     parser.add_argument("--max-minutes", type=float, metavar="M",
-                        help="stop, with a checkpoint, at the first logging step after M minutes")
+                        help=f"stop, with a checkpoint, at {stops_at} after M minutes")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     device.add_device_arguments(parser)
 

@@ -374,7 +374,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, dynamic_ncols=True,
                    disable=not (progress and distributed.is_main()))
         clock, last = time.perf_counter(), {}
-        with _deferred_interrupt() as interrupted:
+        with deferred_interrupt() as interrupted:
             while self.step < end:
                 lr = self.optimizer.param_groups[0]["lr"]
                 out = self.train_step()
@@ -520,7 +520,7 @@ class Interrupted(RunError):
 
 
 @contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
     """While inside, the first Ctrl-C only sets a flag (yielded as a function that reads it), so
     the step under way finishes and the trainer saves; a second one raises KeyboardInterrupt at
     once. Outside the main thread (where signals cannot be handled) nothing changes."""
