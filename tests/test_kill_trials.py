@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow
 
 
 def command(system: str, out: Path, fixtures: dict[str, Path]) -> list[str]:
-    """A tiny ``train`` of ``system`` into ``out`` that checkpoints every step."""
+    """A tiny ``train`` of ``system`` into ``out`` that checkpoints every step (NeuroGraph: every
+    epoch, and on the way out of Ctrl-C; a kill -9 loses the epoch under way)."""
     cli = [sys.executable, "-m", "neurolattice.cli", system, "train", "--out", str(out), "--device", "cpu"]
     if system == "lattice":
         return [*cli, "lattice.dims=[8, 8, 1]", "lattice.state_size=4", "model.steps=1", "train.steps=12",
@@ -42,6 +43,9 @@ def command(system: str, out: Path, fixtures: dict[str, Path]) -> list[str]:
         return [*cli, "--base", str(fixtures["base"]), "data.seq_len=32", "data.train_bytes=6000",
                 "data.heldout_bytes=1500", "bem.rank=2", "bem.chunk_size=4", "bem.prefix_len=8", "train.steps=12",
                 "train.batch_size=4", "train.checkpoint_every=1", "train.log_every=5", "train.eval_every=0"]
+    if system == "neurograph":
+        return [*cli, "neurograph.n=150", "neurograph.n_input=40", "neurograph.epochs=2", "neurograph.restarts=2",
+                "neurograph.probe_epochs=1", "neurograph.batch_size=128"]
     raise ValueError(system)
 
 
@@ -80,7 +84,7 @@ def fixtures(tmp_path_factory) -> dict[str, Path]:
     return {"text": text, "base": base}
 
 
-@pytest.mark.parametrize("system", ["lattice", "lm", "bem"])
+@pytest.mark.parametrize("system", ["lattice", "lm", "bem", "neurograph"])
 def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(system, fixtures, tmp_path):
     straight = tmp_path / "straight"
     start = time.monotonic()
