@@ -14,17 +14,50 @@ it instead: ``model.safetensors`` (tied weights such as ``lm_head.weight`` store
 ``config.json`` and ``generation_config.json``, so ``AutoModelForCausalLM.from_pretrained``
 loads a step directory as it is; :func:`load_checkpoint` restores the tied names left out.
 
-A checkpoint is written whole into a hidden temporary directory (each file of ours through
-:func:`neurolattice.io.atomic_write`), renamed into place, and only then does ``latest`` move
-to it. ``latest`` names a complete directory at every instant, so a save that dies at any point
-leaves the previous checkpoint loadable. Loading checks names, shapes and config fields and
-fails with a one-line ``ValueError`` that names what does not match.
+Atomic at every instant. A save writes its files into a hidden ``.step-N.tmp-*`` directory,
+fsyncs each file and the directory, and renames it to ``step-N`` in one step; only then does
+``latest`` move to it (written beside it, fsynced, renamed over the old pointer). So a visible
+``step-N`` directory is complete or absent, and ``latest`` names a complete visible one or is
+absent. Nothing visible is rebuilt or deleted in place:
+
+- a re-save of a step that exists renames the old directory to a hidden ``.step-N.old-*``,
+  renames the new one in, points ``latest`` at it, then deletes the old. If ``latest`` named
+  that step it first moves back to the newest other complete checkpoint (or is removed when
+  there is none), so it never names the instant in which ``step-N`` is absent; a failed
+  rename puts the old directory and ``latest`` back;
+- pruning (``keep``) renames a directory to a hidden ``.step-N.del-*`` before deleting it.
+
+A killed save leaves only hidden leftovers. :func:`repair_run`, which start-up calls under the
+run's lock, clears them: a ``.old`` directory whose ``step-N`` never came back is renamed back
+(it was complete when moved away), every other leftover is deleted, and ``latest`` is pointed at
+the newest complete checkpoint when it names none. A step directory is *complete* when it holds
+its weights and ``run_config.json``, and ``trainer_state.pt`` too where any step directory of the
+run has one (runs written for evaluation only, such as the test fixtures, have none). Presence is
+enough: each file was whole before its directory became visible.
+
+Every mutating filesystem call of a save goes through the handful of ``_`` primitives below
+(``_mkdir``, ``_mkdtemp``, ``_write``, ``_fsync``, ``_rename``, ``_remove``, ``_unlink``), which is
+where the tests kill a save to check the above at each step.
+
+A full disk is a one-line :class:`~neurolattice.io.RunError` that names the last good checkpoint,
+the temporary directory gone. The rule: an ``OSError`` with errno ``ENOSPC`` or ``EDQUOT``, or a
+writer's error whose text says so in its own words: "No space left" (the OS's words, which
+safetensors repeats), or torch's short write ("unexpected pos", "file write failed"). Any other
+``OSError`` (a read-only folder, say) is a one-line ``RunError`` naming the file.
+
+Reading follows ``latest`` only to a step directory of the same run: its text must be
+``step-`` and eight or more digits (what a save writes), never empty, a path or ``..``. Loading
+checks names, shapes, finite values and config fields and fails with a one-line ``ValueError``
+that names what does not match, before the model is touched.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Collection, Mapping
@@ -36,12 +69,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from neurolattice.io import atomic_write, atomic_write_json, atomic_write_text
+from neurolattice.io import RunError
 
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
 CONFIG = "run_config.json"
 STATE = "trainer_state.pt"
+STEP = re.compile(r"step-[0-9]{8,}")
+# what a killed save or repair leaves: a step directory being written, replaced or pruned, or a
+# pointer being written (the .tmp- folders and .latest. files of older versions included)
+LEFTOVER = re.compile(r"\.(step-[0-9]{8,})\.(tmp|old|del)-\w+|\.latest\.\w+\.tmp")
+DISK_FULL_WORDS = ("No space left", "unexpected pos", "file write failed")
 
 T = TypeVar("T")
 
@@ -57,58 +95,272 @@ def save_checkpoint(
     """Write ``root/step-<step>/`` and point ``root/latest`` at it; keep the newest ``keep``.
 
     ``config`` must be JSON-ready (see :meth:`neurolattice.config.Config.to_dict`). Returns the
-    checkpoint directory.
+    checkpoint directory. A save that fails (a full disk, a read-only folder) is a one-line
+    :class:`~neurolattice.io.RunError`; one that fails before its directory is in place leaves
+    the run as it was.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
-    final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    writes: list[tuple[str, Callable[[Path], None]]] = []  # (file, writer), "" is the folder
+    if hasattr(model, "save_pretrained"):  # a transformers PreTrainedModel
+        writes.append(("", lambda p: model.save_pretrained(p, safe_serialization=True)))
+    else:
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in checkpoint_tensors(model).items()}
+        writes.append((WEIGHTS, lambda p: save_file(tensors, p)))
+    text = json.dumps(dict(config), indent=2) + "\n"
+    writes.append((CONFIG, lambda p: p.write_text(text)))
+    if trainer_state is not None:
+        writes.append((STATE, lambda p: torch.save(dict(trainer_state), p)))
+    tmp, file = None, ""
     try:
-        if hasattr(model, "save_pretrained"):  # a transformers PreTrainedModel
-            model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in checkpoint_tensors(model).items()}
-            atomic_write(tmp / WEIGHTS, lambda p: save_file(tensors, p))
-        atomic_write_json(tmp / CONFIG, dict(config))
-        if trainer_state is not None:
-            atomic_write(tmp / STATE, lambda p: torch.save(dict(trainer_state), p))
-        if not final.exists():
-            os.replace(tmp, final)
-        else:  # this step was saved before: 'latest' names the complete new copy while the old goes
-            atomic_write_text(root / LATEST, tmp.name)
-            shutil.rmtree(final)
-            shutil.copytree(tmp, final, copy_function=os.link)
-        atomic_write_text(root / LATEST, name)
-    except BaseException:
-        if tmp.exists() and _latest_name(root) != tmp.name:
-            shutil.rmtree(tmp)
+        _mkdir(root)
+        tmp = _mkdtemp(root, name)
+        for file, write in writes:
+            _write(tmp / file, write)
+        file = ""
+        _fsync(tmp)
+        _publish(root, name, tmp)
+    except BaseException as err:
+        if tmp is not None and tmp.exists():
+            _remove(tmp)
+        if isinstance(err, OSError) or (isinstance(err, Exception) and _disk_full(err)):
+            raise RunError(_write_failure(err, root, name, file)) from err
         raise
-    _prune(root, keep)
-    return final
+    _prune(root, keep, name)
+    return root / name
 
 
-def _latest_name(root: Path) -> str | None:
+def _publish(root: Path, name: str, tmp: Path) -> None:
+    """Rename the complete ``tmp`` to ``root/name`` and point ``latest`` at it. An existing
+    ``root/name`` is renamed away first and deleted last; a failed rename puts it back."""
+    final, old, named = root / name, None, False
+    try:
+        if final.is_dir():
+            named = _pointer(root) == name
+            if named:  # 'latest' must not name the instant in which final is absent
+                others = [p for p in _complete(_step_dirs(root)) if p.name != name]
+                if others:
+                    _point(root, others[-1].name)
+                else:
+                    _unlink(root / LATEST)
+            hidden = _hidden(root, name, "old")
+            _rename(final, hidden)
+            old = hidden
+        _rename(tmp, final)
+    except BaseException:
+        if old is not None:
+            _rename(old, final)
+        if named:
+            _point(root, name)
+        raise
+    _fsync(root)
+    _point(root, name)
+    if old is not None:
+        _remove(old)
+
+
+def _prune(root: Path, keep: int | None, latest: str) -> None:
+    """Remove all but the newest ``keep`` step directories (never ``latest``): each is renamed to
+    a hidden name first, so none is ever seen half-deleted. A failure is a one-line ``RunError``."""
+    if keep is None:
+        return
+    trash = []
+    try:
+        for path in _step_dirs(root)[:-keep]:
+            if path.name != latest:
+                trash.append(_hidden(root, path.name, "del"))
+                _rename(path, trash[-1])
+        _discard(root, trash)
+    except OSError as err:
+        raise RunError(f"checkpoint {root / latest} is saved, but removing an older one failed: {err}") from err
+
+
+def _discard(root: Path, hidden: list[Path]) -> None:
+    """Delete the folders ``hidden`` that were just renamed away, once the renames are durable."""
+    if hidden:
+        _fsync(root)
+    for path in hidden:
+        _remove(path)
+
+
+def _point(root: Path, name: str) -> None:
+    """Make ``root/latest`` read ``name``: written beside it, fsynced, renamed over it."""
+    tmp = root / f".{LATEST}.{secrets.token_hex(4)}.tmp"
+    try:
+        _write(tmp, lambda p: p.write_text(name))
+        _rename(tmp, root / LATEST)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    _fsync(root)
+
+
+def _hidden(root: Path, name: str, role: str) -> Path:
+    """A fresh hidden name in ``root`` for step directory ``name`` in ``role`` ("old", "del")."""
+    return root / f".{name}.{role}-{secrets.token_hex(4)}"
+
+
+# The filesystem primitives: every change a save or a repair makes to the disk is one of these.
+
+def _mkdir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _mkdtemp(root: Path, name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+
+
+def _write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(path)``, then fsync what it wrote: the file, or each file of the folder ``path``."""
+    write(path)
+    for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+        _fsync(file)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path)
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _disk_full(err: Exception) -> bool:
+    """Whether ``err``, raised while writing, says the disk is full (the rule in the module docstring)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(words in str(err) for words in DISK_FULL_WORDS)
+
+
+def _write_failure(err: Exception, root: Path, name: str, file: str) -> str:
+    """The one line of a failed save of ``root/name`` (while writing its ``file``; "" for the
+    folder as a whole): what failed, and the checkpoint a resume would load."""
+    good = _last_good(root)
+    left = f"the last good checkpoint is {good}" if good else "the run has no good checkpoint"
+    if _disk_full(err):
+        return f"the disk holding {root} is full: checkpoint {root / name} was not saved; {left}"
+    reason = (err.strerror if isinstance(err, OSError) else None) or _first_line(err)
+    return f"cannot write checkpoint {root / name / file}: {reason}; {left}"
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """The visible step directories of ``root``, oldest first."""
+    found = [p for p in root.iterdir() if STEP.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def _complete(steps: list[Path]) -> list[Path]:
+    """Those of one run's ``steps`` that hold a whole checkpoint (see the module docstring)."""
+    files = (WEIGHTS, CONFIG, STATE) if any((p / STATE).is_file() for p in steps) else (WEIGHTS, CONFIG)
+    return [p for p in steps if all((p / f).is_file() for f in files)]
+
+
+def _pointer(root: Path) -> str | None:
+    """The text of ``root/latest``, stripped; None when there is no pointer."""
     pointer = root / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None
+    return pointer.read_bytes().decode(errors="replace").strip() if pointer.is_file() else None
 
 
-def _prune(root: Path, keep: int | None) -> None:
-    """Remove temporaries of interrupted saves and all but the newest ``keep`` checkpoints."""
-    latest = _latest_name(root)
-    stale = [p for p in root.glob(".step-*.tmp-*") if p.name != latest]
-    if keep is not None:
-        stale += [p for p in sorted(root.glob("step-*"))[:-keep] if p.name != latest]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+def _latest(root: Path) -> Path | None:
+    """The step directory ``root/latest`` names (None: no pointer). A one-line ``ValueError``
+    unless it names an existing step directory of ``root`` itself."""
+    name = _pointer(root)
+    if name is None:
+        return None
+    if not name:
+        raise ValueError(f"{root / LATEST} is empty")
+    if not STEP.fullmatch(name):
+        raise ValueError(f"{root / LATEST} names {_short(name)!r}, not a step directory of {root}")
+    if not (root / name).is_dir():
+        raise ValueError(f"{root / LATEST} names {name!r}, which is missing from {root}")
+    return root / name
+
+
+def _short(text: str) -> str:
+    """``text`` cut to 200 characters, for a message (a damaged pointer may hold anything)."""
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _last_good(root: Path) -> Path | None:
+    """The checkpoint a resume of ``root`` loads once repaired: the one ``latest`` names if that
+    is complete, else the newest complete one; None if there is none."""
+    try:
+        latest = _latest(root)
+    except ValueError:
+        latest = None
+    complete = _complete(_step_dirs(root))
+    return latest if latest in complete else (complete[-1] if complete else None)
+
+
+def repair_run(root: str | os.PathLike) -> str | None:
+    """Undo what a killed save left in the run folder ``root``; call it under the run's lock
+    (:class:`~neurolattice.io.FolderLock`) before resuming or writing. In order: a step
+    directory a re-save moved away and never replaced is renamed back; ``latest``, unless it
+    names a complete checkpoint already, is pointed at the newest complete one (or removed if
+    there is none); incomplete step directories and every other leftover are deleted.
+    Returns one line saying what was repaired, or None if nothing needed it."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done, leftovers = [], []
+    for path in sorted(root.iterdir()):
+        match = LEFTOVER.fullmatch(path.name)
+        if match and match[2] == "old" and not (root / match[1]).exists():
+            _rename(path, root / match[1])
+            done.append(f"put back {match[1]}, which an interrupted re-save had moved away")
+        elif match:
+            leftovers.append(path)
+    before, good = _pointer(root), _last_good(root)
+    if good is None and before is not None:
+        _unlink(root / LATEST)
+        done.append(f"removed {LATEST} (it read {_short(before)!r}; no complete checkpoint is left)")
+    elif good is not None and before != good.name:
+        was = "was missing" if before is None else f"read {_short(before)!r}"
+        done.append(f"pointed {LATEST} at {good.name} (it {was})")
+        _point(root, good.name)
+    steps = _step_dirs(root)
+    incomplete = [p for p in steps if p not in _complete(steps)]
+    if incomplete:
+        done.append("removed the incomplete " + ", ".join(p.name for p in incomplete))
+    if leftovers:
+        done.append(f"removed {len(leftovers)} hidden leftover{'s' if len(leftovers) > 1 else ''} "
+                    "of interrupted saves")
+    trash = []
+    for path in incomplete:
+        trash.append(_hidden(root, path.name, "del"))
+        _rename(path, trash[-1])
+    _discard(root, trash)
+    for path in leftovers:
+        if path.is_dir():
+            _remove(path)
+        else:
+            _unlink(path)
+    return f"repaired {root}: " + "; ".join(done) if done else None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint directory for ``path``: a run directory (follow ``latest``) or a step directory."""
     path = Path(path)
-    latest = _latest_name(path)
+    latest = _latest(path)
     if latest is not None:
-        return path / latest
+        return latest
     if (path / WEIGHTS).exists():
         return path
     raise ValueError(f"no checkpoint at {path}: it has neither a '{LATEST}' pointer nor a {WEIGHTS}")
@@ -120,8 +372,7 @@ def _read(path: Path, read: Callable[[Path], T]) -> T:
     try:
         return read(path)
     except Exception as e:  # any parse failure of a file we wrote means it was damaged
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"checkpoint file {path} is corrupt: {reason}") from e
+        raise ValueError(f"checkpoint file {path} is corrupt: {_first_line(e)}") from e
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -186,7 +437,8 @@ def load_checkpoint(
 
     When ``config`` is given its sections must equal the saved ``run_config.json``'s (see
     :func:`check_config`) except for the dotted field names in ``ignore`` (e.g.
-    ``"train.log_every"``). Every check runs before the model is touched, so a failed load
+    ``"train.log_every"``). Weights with a NaN or an inf (floating-point tensors; integer ones
+    are exempt) are refused. Every check runs before the model is touched, so a failed load
     leaves it as it was.
     """
     ckpt = resolve_checkpoint(path)
@@ -194,6 +446,7 @@ def load_checkpoint(
     if config is not None:
         check_config(config, saved, f"checkpoint {ckpt}", ignore)
     tensors = _read(ckpt / WEIGHTS, load_file)
+    _check_finite(tensors, f"checkpoint {ckpt / WEIGHTS}")
     if hasattr(model, "load_checkpoint_state_dict"):
         check_state_dict(checkpoint_tensors(model), tensors, f"checkpoint {ckpt / WEIGHTS}")
         model.load_checkpoint_state_dict(tensors)
@@ -202,6 +455,13 @@ def load_checkpoint(
         check_state_dict(model.state_dict(), tensors, f"checkpoint {ckpt / WEIGHTS}")
         model.load_state_dict(tensors)
     return saved
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """A one-line ``ValueError`` naming the first floating-point tensor with a NaN or an inf."""
+    for name, value in tensors.items():
+        if (value.is_floating_point() or value.is_complex()) and not torch.isfinite(value).all():
+            raise ValueError(f"{source}: tensor '{name}' has NaN or inf values")
 
 
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
