@@ -119,3 +119,25 @@ def test_another_systems_run_is_not_a_lattice_checkpoint(trained, capsys):
     assert cli_error(capsys, ["lattice", "eval", str(out)]).startswith(
         f"{resolve_checkpoint(out)} is not a lattice model checkpoint (its run_config.json: unknown "
         "LatticeModelConfig key(s) ['d_model', 'vocab_size']")
+
+
+def test_a_run_a_crash_left_half_saved_is_repaired_in_one_line_at_resume(trained, data, capsys):
+    """What a killed save leaves (a hidden temp folder, ``latest`` naming nothing) is repaired
+    under the lock when the run is resumed, and said in one line."""
+    out, _ = trained
+    (out / ".step-00000005.tmp-abc").mkdir()
+    (out / "latest").write_text("step-00000009")
+    capsys.readouterr()
+    assert main(train(data, out, "--resume")) == 0
+    said = capsys.readouterr().out
+    assert f"repaired {out}: pointed latest at step-00000004 (it read 'step-00000009'); removed 1 hidden " \
+           "leftover of interrupted saves" in said.splitlines()
+    assert not (out / ".step-00000005.tmp-abc").exists() and resolve_checkpoint(out).name == "step-00000004"
+
+
+def test_a_latest_pointing_outside_the_run_is_refused(trained, capsys):
+    out, _ = trained
+    (out / "latest").write_text("../elsewhere")
+    assert cli_error(capsys, ["lattice", "show", str(out)]) == f"{out}/latest names '../elsewhere', not a step " \
+                                                               f"directory of {out}"
+    assert not (out.parent / "elsewhere").exists()

@@ -180,8 +180,8 @@ def load_run(path: str, data_path: str | None = None, expected: NeuroGraphConfig
     network is built with the seed of the restart the run kept (``selection.seed``), so its
     ``config.seed`` is that one."""
     ckpt, (config, n_features, source, saved) = read_run_config(path, "a neurograph", lambda saved: (
-        NeuroGraphConfig.from_dict(saved["neurograph"], saved=True), int(saved["data"]["n_features"]), saved["data"]["path"],
-        saved))
+        NeuroGraphConfig.from_dict(saved["neurograph"], saved=True), int(saved["data"]["n_features"]),
+        saved["data"]["path"], saved))
     data = load_data(data_path if data_path is not None else source)
     if data.x_test.shape[1] != n_features:
         raise ValueError(f"the checkpoint expects {n_features} features per sample, "

@@ -8,6 +8,7 @@ from .checkpoint import (
     read_config,
     read_run_config,
     read_trainer_state,
+    repair_run,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -16,5 +17,5 @@ from .trainer import RESUME_MAY_CHANGE, EpochSampler, Task, TrainConfig, Trainer
 __all__ = [
     "RESUME_MAY_CHANGE", "EpochSampler", "SavedRun", "Task", "TrainConfig", "Trainer", "check_config",
     "check_state_dict", "load_checkpoint", "lr_factor", "read_config", "read_run_config", "read_trainer_state",
-    "resolve_checkpoint", "save_checkpoint", "seed_everything",
+    "repair_run", "resolve_checkpoint", "save_checkpoint", "seed_everything",
 ]

@@ -18,7 +18,7 @@ from neurolattice import cmdline, device
 from neurolattice.io import FolderLock, atomic_write_json
 
 from . import distributed
-from .checkpoint import resolve_checkpoint
+from .checkpoint import repair_run, resolve_checkpoint
 from .trainer import Task, TrainConfig, Trainer, seed_everything
 
 
@@ -47,9 +47,15 @@ def check_run_arguments(args: argparse.Namespace) -> None:
 @contextlib.contextmanager
 def run_folder(out: str, resume: bool | None) -> Iterator[None]:
     """Hold ``out`` for the run inside: its :class:`~neurolattice.io.FolderLock` (a second
-    process writing there gets one line), then, under the lock, :func:`check_out` again (the
-    first check ran before the lock; this one decides)."""
+    process writing there gets one line); under the lock, repair what a crash left
+    (:func:`~neurolattice.train.checkpoint.repair_run`, saying what in one line), then
+    :func:`check_out` again (the first check ran before the lock; this one decides)."""
     with FolderLock(out):
+        nested = {p.parent for p in Path(out).glob("*/*step-*")}  # a run inside the run: the lattice's T0/
+        for run in (Path(out), *sorted(nested)):
+            repaired = repair_run(run)
+            if repaired:
+                print(repaired, flush=True)
         check_out(out, resume)
         yield
 
