@@ -94,31 +94,29 @@ def trained(tmp_path, data) -> tuple:
     return out, json.loads((resolve_checkpoint(out) / "run_config.json").read_text())
 
 
-def test_a_saved_config_missing_a_field_is_refused_not_defaulted(trained, capsys):
-    out, config = trained
+def _drop_steps(config):
     del config["model"]["model"]["steps"]
-    (resolve_checkpoint(out) / "run_config.json").write_text(json.dumps(config))
-    assert cli_error(capsys, ["lattice", "eval", str(out)]) == (
-        f"{resolve_checkpoint(out)} is not a lattice model checkpoint (its run_config.json: the saved "
-        "LatticeModelConfig lacks key(s) ['steps'])")
 
 
-def test_a_saved_config_of_the_wrong_shape_is_one_line(trained, capsys):
-    out, config = trained
+def _lattice_a_number(config):
     config["model"]["model"]["lattice"] = 5
-    (resolve_checkpoint(out) / "run_config.json").write_text(json.dumps(config))
-    assert cli_error(capsys, ["lattice", "eval", str(out)]) == (
-        f"{resolve_checkpoint(out)} is not a lattice model checkpoint (its run_config.json: a LatticeConfig "
-        "must be a table of keys, got int)")
 
 
-def test_another_systems_run_is_not_a_lattice_checkpoint(trained, capsys):
-    out, config = trained
+def _an_lm_run(config):
     config["model"] = {"model": {"vocab_size": 257, "d_model": 32}, "data": {"folder": None}}  # an LM's layout
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (_drop_steps, "its run_config.json: the saved LatticeModelConfig lacks key(s) ['steps']"),  # not T = 8
+    (_lattice_a_number, "its run_config.json: a LatticeConfig must be a table of keys, got int"),
+    (_an_lm_run, "its run_config.json: unknown LatticeModelConfig key(s) ['d_model', 'vocab_size']; known keys: "),
+])
+def test_a_damaged_or_foreign_saved_config_is_one_line_not_defaulted(trained, capsys, damage, reason):
+    out, config = trained
+    damage(config)
     (resolve_checkpoint(out) / "run_config.json").write_text(json.dumps(config))
     assert cli_error(capsys, ["lattice", "eval", str(out)]).startswith(
-        f"{resolve_checkpoint(out)} is not a lattice model checkpoint (its run_config.json: unknown "
-        "LatticeModelConfig key(s) ['d_model', 'vocab_size']")
+        f"{resolve_checkpoint(out)} is not a lattice model checkpoint ({reason}")
 
 
 def test_a_run_a_crash_left_half_saved_is_repaired_in_one_line_at_resume(trained, data, capsys):
