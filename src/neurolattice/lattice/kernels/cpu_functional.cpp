@@ -10,8 +10,9 @@
 // phases of planes that far apart and never write the same cell at once.
 //
 // No torch headers: plain C++17, built by neurolattice/lattice/kernels/cpu_functional.py with
-// the system compiler and loaded through ctypes. float32 uses the vectorisable gelu and exp
-// below; float64 uses libm's erf and exp, so it matches the torch path to rounding.
+// the system compiler and loaded through ctypes. float32 runs gelu, exp and dot products on
+// GCC/clang vector types (W lanes); float64 uses libm's erf and exp, so it matches the torch
+// path to rounding.
 
 #include <algorithm>
 #include <atomic>
@@ -25,13 +26,24 @@ namespace {
 
 constexpr int kMaxRun = 16;  // most cells per run: a run's acc, h and gelu' stay in L1 for H <= 128
 
-// exp(x) for x <= 0 (float): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, and the
-// Taylor polynomial of degree 7 (relative error < 1e-8); below -87 it returns ~1e-38.
-inline float exp_nonpositive(float x) {
-    x = std::max(x, -87.0f);
-    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.0f / 5040.0f;
+// float32 math on GCC/clang vector extensions, W lanes (one AVX-512 or AVX2 register), so it
+// vectorises whatever the compiler's loop analysis makes of the bit tricks.
+#ifdef __AVX512F__
+constexpr int W = 16;
+#else
+constexpr int W = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+
+// exp(x) for x <= 0: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, and the Taylor
+// polynomial of degree 7 (relative error < 1e-8); below -87 it returns ~1e-38.
+inline vf exp_nonpositive(vf x) {
+    x = x < -87.0f ? vf{} - 87.0f : x;
+    const vi ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);  // round(x / ln2), x <= 0
+    const vf n = __builtin_convertvector(ni, vf);
+    const vf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    vf p = vf{} + 1.0f / 5040.0f;
     p = p * r + 1.0f / 720.0f;
     p = p * r + 1.0f / 120.0f;
     p = p * r + 1.0f / 24.0f;
@@ -39,40 +51,59 @@ inline float exp_nonpositive(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+    return p * (vf)((ni + 127) << 23);
+}
+
+// gelu(u) = u Phi(u) and gelu'(u) = Phi(u) + u phi(u), with Phi(-|u|) = erfc(|u| / sqrt 2) / 2 by
+// Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), evaluated on |u| so the negative side has
+// no cancellation, and the density from the same exp.
+inline void gelu_grad(vf u, vf& h, vf& dh) {
+    const vf x = (vf)((vi)u & 0x7fffffff) * 0.70710678118654752f;
+    const vf t = 1.0f / (1.0f + 0.3275911f * x);
+    const vf poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f
+                    + t * (-1.453152027f + t * 1.061405429f))));
+    const vf e = exp_nonpositive(-x * x);                    // exp(-u^2 / 2)
+    const vf tail = 0.5f * poly * e;                         // Phi(-|u|)
+    const vf cdf = u >= 0.0f ? 1.0f - tail : tail;           // Phi(u)
+    h = u * cdf;
+    dh = cdf + u * e * 0.39894228040143268f;
 }
 
 template <typename T> struct Math;
 
-// float: Phi(u) = 1/2 erfc(-u / sqrt 2) by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7),
-// evaluated on |u| so the negative side has no cancellation, and the density from the same exp.
+// float: W lanes at a time; the partial vector at the end goes through a zero-padded copy.
 template <> struct Math<float> {
-    static inline void gelu_grad(float u, float& h, float& dh) {
-        const float x = std::fabs(u) * 0.70710678118654752f;
-        const float t = 1.0f / (1.0f + 0.3275911f * x);
-        const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f
-                           + t * (-1.453152027f + t * 1.061405429f))));
-        const float e = exp_nonpositive(-x * x);             // exp(-u^2 / 2)
-        const float tail = 0.5f * poly * e;                  // Phi(-|u|)
-        const float cdf = u >= 0.0f ? 1.0f - tail : tail;    // Phi(u)
-        h = u * cdf;
-        dh = cdf + u * e * 0.39894228040143268f;             // Phi(u) + u phi(u)
+    template <bool grad> static inline void gelu_run(const float* p, const float* q, int len, float* h, float* dh) {
+        int e = 0;
+        for (; e + W <= len; e += W) {      // whole vectors: constant-size copies are plain loads
+            vf a, b, hv, dv;
+            __builtin_memcpy(&a, p + e, sizeof a);
+            __builtin_memcpy(&b, q + e, sizeof b);
+            gelu_grad(a + b, hv, dv);
+            __builtin_memcpy(h + e, &hv, sizeof hv);
+            if (grad) __builtin_memcpy(dh + e, &dv, sizeof dv);
+        }
+        if (e < len) {
+            const int k = len - e;
+            vf a{}, b{}, hv, dv;
+            __builtin_memcpy(&a, p + e, 4 * k);
+            __builtin_memcpy(&b, q + e, 4 * k);
+            gelu_grad(a + b, hv, dv);
+            __builtin_memcpy(h + e, &hv, 4 * k);
+            if (grad) __builtin_memcpy(dh + e, &dv, 4 * k);
+        }
     }
-    static inline float gelu(float u) {
-        float h, dh;
-        gelu_grad(u, h, dh);
-        return h;
-    }
-    static inline float exp(float x) { return exp_nonpositive(x); }
+    static inline float exp(float x) { return std::exp(x); }
 };
 
 // float64: exactly the erf form torch uses.
 template <> struct Math<double> {
-    static inline double gelu(double u) { return u * 0.5 * (1.0 + std::erf(u * 0.70710678118654752)); }
-    static inline void gelu_grad(double u, double& h, double& dh) {
-        const double cdf = 0.5 * (1.0 + std::erf(u * 0.70710678118654752));
-        h = u * cdf;
-        dh = cdf + u * std::exp(-0.5 * u * u) * 0.39894228040143268;
+    template <bool grad> static inline void gelu_run(const double* p, const double* q, int len, double* h, double* dh) {
+        for (int e = 0; e < len; ++e) {
+            const double u = p[e] + q[e], cdf = 0.5 * (1.0 + std::erf(u * 0.70710678118654752));
+            h[e] = u * cdf;
+            if (grad) dh[e] = cdf + u * std::exp(-0.5 * u * u) * 0.39894228040143268;
+        }
     }
     static inline double exp(double x) { return std::exp(x); }
 };
@@ -102,23 +133,28 @@ template <typename Fn> void parallel_items(int64_t count, int threads, Fn fn) {
     for (auto& th : pool) th.join();
 }
 
-// u = P_{i+o} + Q_i for the n cells of a run, then h = gelu(u) (and dh = gelu'(u)).
-template <typename T>
-inline void gelu_run(const T* __restrict p, const T* __restrict q, int len, T* __restrict h) {
-#pragma omp simd
-    for (int e = 0; e < len; ++e) h[e] = Math<T>::gelu(p[e] + q[e]);
-}
-
-template <typename T>
-inline void gelu_run(const T* __restrict p, const T* __restrict q, int len, T* __restrict h, T* __restrict dh) {
-#pragma omp simd
-    for (int e = 0; e < len; ++e) Math<T>::gelu_grad(p[e] + q[e], h[e], dh[e]);
-}
-
 template <typename T> inline T dot(const T* __restrict a, const T* __restrict b, int H) {
     T s = 0;
-#pragma omp simd reduction(+ : s)
     for (int k = 0; k < H; ++k) s += a[k] * b[k];
+    return s;
+}
+
+// float: W lanes of partial sums, then a pairwise sum of the lanes (not W serial adds).
+template <> inline float dot(const float* __restrict a, const float* __restrict b, int H) {
+    vf acc{};
+    int k = 0;
+    for (; k + W <= H; k += W) {
+        vf x, y;
+        __builtin_memcpy(&x, a + k, sizeof x);
+        __builtin_memcpy(&y, b + k, sizeof y);
+        acc += x * y;
+    }
+    float lanes[W];
+    __builtin_memcpy(lanes, &acc, sizeof acc);
+    for (int w = W / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+    float s = lanes[0];
+    for (; k < H; ++k) s += a[k] * b[k];
     return s;
 }
 
@@ -149,7 +185,7 @@ void forward(const T* p_pad, const T* q, const T* v, const T* bias, const int32_
                 std::fill(d, d + n, T(0));
                 for (int k = 0; k < K; ++k) {
                     const int dx = offsets[3 * k], dy = offsets[3 * k + 1], dz = offsets[3 * k + 2];
-                    gelu_run(p_pad + sh.padded(b, x + dx, y + dy, z0 + dz) * H, q + i0 * H, len, h);
+                    Math<T>::template gelu_run<false>(p_pad + sh.padded(b, x + dx, y + dy, z0 + dz) * H, q + i0 * H, len, h, h);
                     scores(h, v, bias ? bias + sh.bias_index(x + dx, y + dy, z0 + dz) : nullptr, n, H, s);
                     for (int c = 0; c < n; ++c) {    // online softmax: rescale by exp(m - m_new)
                         const T m_new = std::max(m[c], s[c]);
@@ -205,7 +241,7 @@ void backward(const T* p_pad, const T* q, const T* v, const T* bias, const int32
                     for (int k = 0; k < K; ++k) {
                         const int dx = offsets[3 * k], dy = offsets[3 * k + 1], dz = offsets[3 * k + 2];
                         const int64_t j0 = sh.padded(b, x + dx, y + dy, z0 + dz);
-                        gelu_run(p_pad + j0 * H, q + i0 * H, len, h, dh);
+                        Math<T>::template gelu_run<true>(p_pad + j0 * H, q + i0 * H, len, h, dh);  // u = P_{i+o} + Q_i
                         scores(h, v, bias ? bias + sh.bias_index(x + dx, y + dy, z0 + dz) : nullptr, n, H, s);
                         for (int c = 0; c < n; ++c) {
                             // w = softmax weight, d_s = w (G . h - G . hagg), d_u = (w G + d_s v) gelu'(u)
