@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from neurolattice.lattice import LatticeConfig, LatticeMoE
+from neurolattice.lattice.backends import BACKENDS, availability
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> torch.nn.Module:
@@ -15,6 +16,13 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> torc
 
 def make(config: LatticeConfig, dtype=torch.float64, seed: int = 0, **kwargs) -> LatticeMoE:
     return randomize(LatticeMoE(config, **kwargs), seed).to(dtype)
+
+
+def backend_params() -> list:
+    """Every backend as a pytest param, skipped with the reason where it cannot run on the CPU here."""
+    return [pytest.param(name, marks=pytest.mark.skipif(bool(availability(name)),
+                                                        reason=f"{name} backend unavailable: {availability(name)}"))
+            for name in BACKENDS]
 
 
 def states_for(config: LatticeConfig, batch: int, dtype=torch.float64, seed: int = 1) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Fast path vs the per-cell reference: values, gradients, boundaries, edge cases."""
+"""Fast path, on every backend, vs the per-cell reference: values, gradients, boundaries, edge cases."""
 
 import pytest
 import torch
@@ -9,7 +9,9 @@ from neurolattice.lattice import LatticeConfig
 from neurolattice.lattice.reference import reference_step
 
 from ..bounds import float32_bound
-from .conftest import make, states_for
+from .conftest import backend_params, make, states_for
+
+BACKENDS = backend_params()
 
 SMALL = dict(state_size=6, hidden_local=5, hidden_functional=7, hidden_distant=4, hidden_gate=3)
 
@@ -29,20 +31,22 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("name", list(CASES))
-def test_fast_matches_reference_float64(name, batch):
+def test_fast_matches_reference_float64(name, batch, backend):
     config = CASES[name]
-    # Small blocks and chunks so the block, halo and slab paths are all exercised.
-    model = make(config, block_elems=1, chunk_elems=1)
+    # Small blocks and chunks so the block, halo and slab (run) paths are all exercised.
+    model = make(config, block_elems=1, chunk_elems=1, backend=backend)
     x = states_for(config, batch)
     assert (model(x) - reference_step(model, x)).abs().max().item() <= 1e-10
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["open", "periodic", "relative", "default-sizes"])
-def test_fast_matches_reference_float32(name):
+def test_fast_matches_reference_float32(name, backend):
     config = CASES[name]
-    model = make(config, dtype=torch.float32)
+    model = make(config, dtype=torch.float32, backend=backend)
     x = states_for(config, 3, dtype=torch.float32)
     expected = reference_step(model, x)
     # float32: the fast path sums in other orders (tier sums, blocked matmuls, streamed softmax); terms: the
@@ -53,12 +57,14 @@ def test_fast_matches_reference_float32(name):
     assert (model(x) - expected).abs().max().item() <= float32_bound(expected, terms=terms)
 
 
-def test_blocking_does_not_change_the_result():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocking_does_not_change_the_result(backend):
     config = LatticeConfig(dims=(11, 5, 6), **SMALL)
     x = states_for(config, 2)
-    whole = make(config)(x)
-    for block_elems, chunk_elems in [(1, 1), (500, 70), (5000, 10**6)]:
-        out = make(config, block_elems=block_elems, chunk_elems=chunk_elems)(x)
+    whole = make(config, backend="torch")(x)
+    # cpp runs of 1, 2 (one partial run per z-row), 10 and 16 cells
+    for block_elems, chunk_elems in [(1, 1), (500, 14), (500, 70), (5000, 10**6)]:
+        out = make(config, block_elems=block_elems, chunk_elems=chunk_elems, backend=backend)(x)
         assert (out - whole).abs().max().item() <= 1e-12
 
 
@@ -76,13 +82,14 @@ def test_empty_tier_is_really_empty():
     batch=st.integers(1, 2),
     seed=st.integers(0, 2**16),
 )
-def test_fast_matches_reference_random_configs(dims, boundary, radii, batch, seed):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_matches_reference_random_configs(backend, dims, boundary, radii, batch, seed):
     r_local = radii[0]
     config = LatticeConfig(dims=dims, boundary=boundary, r_local=r_local,
                            r_functional=r_local + radii[1], r_distant=r_local + radii[1] + radii[2],
                            state_size=3, hidden_local=2, hidden_functional=3, hidden_distant=2,
                            hidden_gate=2)
-    model = make(config, seed=seed, block_elems=seed % 200, chunk_elems=seed % 50)
+    model = make(config, seed=seed, block_elems=seed % 200, chunk_elems=seed % 50, backend=backend)
     x = states_for(config, batch, seed=seed + 1)
     assert (model(x) - reference_step(model, x)).abs().max().item() <= 1e-10
 
@@ -93,10 +100,12 @@ def _grads(fn, model, x, weight):
                                materialize_grads=True)
 
 
-@pytest.mark.parametrize("name", ["open", "periodic", "relative", "empty-local-tier"])
-def test_gradients_match_reference(name):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["open", "periodic", "relative", "empty-local-tier", "side-2-periodic",
+                                  "no-functional"])
+def test_gradients_match_reference(name, backend):
     config = CASES[name]
-    model = make(config, block_elems=200, chunk_elems=20)
+    model = make(config, block_elems=200, chunk_elems=20, backend=backend)
     x = states_for(config, 2).requires_grad_()
     weight = states_for(config, 2, seed=7)
     fast = _grads(model, model, x, weight)
@@ -106,12 +115,13 @@ def test_gradients_match_reference(name):
         assert (a - b).abs().max().item() <= 1e-8, name_
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("boundary", ["open", "periodic"])
-def test_gradcheck_tiny(boundary):
+def test_gradcheck_tiny(boundary, backend):
     config = LatticeConfig(dims=(3, 2, 3), boundary=boundary, state_size=3, hidden_local=2,
                            hidden_functional=4, hidden_distant=2, hidden_gate=2,
                            r_local=1.0, r_functional=1.5, r_distant=2.3)
-    model = make(config, block_elems=20, chunk_elems=10)
+    model = make(config, block_elems=20, chunk_elems=10, backend=backend)
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach().requires_grad_() for p in model.parameters()]
     x = states_for(config, 2).requires_grad_()

@@ -108,6 +108,19 @@ def time_ms(fn: Callable[[], Any], *, device: str | torch.device = "cpu", warmup
     return 1000.0 * statistics.median(times)
 
 
+
+PEAK_REPEATS = 10
+
+
+def matmul_peak(device: str, dtype: torch.dtype, size: int, repeats: int = PEAK_REPEATS) -> float:
+    """FLOP/s of the best of ``repeats`` timed ``size x size`` matmuls (``2 size^3`` FLOPs each)
+    in ``dtype``, after one warm-up, with this process's torch threads: the machine's attainable
+    peak, measured rather than taken from a datasheet (it drifts on a shared machine)."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    best_ms = min(time_ms(lambda: a @ b, device=device, warmup=0, repeats=1) for _ in range(repeats))
+    return 2 * size**3 / (best_ms / 1000)
+
 def available_memory_bytes(device: str | torch.device = "cpu") -> int | None:
     """Memory a new computation may use: free GPU memory on CUDA, else ``MemAvailable`` from
     ``/proc/meminfo`` (or psutil's ``available`` where there is no ``/proc``); None if unknown."""

@@ -8,6 +8,7 @@ ones) and keeps the parameter names of docs/lattice.md and ``nn.Linear`` orienta
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,15 +66,16 @@ class FunctionalExpert(nn.Module):
 
     def forward(self, x: torch.Tensor, xp: torch.Tensor, offsets: tuple, pad: tuple[int, int, int],
                 score_bias: torch.Tensor | None, has_functional: torch.Tensor,
-                chunk_elems: int) -> torch.Tensor:
+                chunk_elems: int, aggregate: Callable[..., torch.Tensor]) -> torch.Tensor:
         """``x [B, X, Y, Z, S]``; ``xp`` the same states padded by ``pad`` (zeros or wrapped),
-        ``score_bias`` the matching padded mask (see :class:`FunctionalAggregate`)."""
+        ``score_bias`` the matching padded mask, ``aggregate`` :class:`FunctionalAggregate`'s
+        function as one backend computes it (:mod:`.backends`)."""
         S = x.shape[-1]
         w1 = self.msg1.weight                                   # (H, 2S)
         p_pad = xp @ w1[:, :S].t()                              # (B, X', Y', Z', H), padded as xp
         q = F.linear(x, w1[:, S:], self.msg1.bias)              # (B, X, Y, Z, H)
         v = self.msg2.weight.t() @ self.attn.weight[0, :S]      # (H,)
-        hagg = FunctionalAggregate.apply(p_pad, q, v, score_bias, offsets, pad, chunk_elems)
+        hagg = aggregate(p_pad, q, v, score_bias, offsets, pad, chunk_elems)
         agg = self.msg2(hagg)                                   # (B, X, Y, Z, S)
         out = self.upd2(F.gelu(self.upd1(torch.cat([x, agg], dim=-1))))
         return out * has_functional.unsqueeze(-1)

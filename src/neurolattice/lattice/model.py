@@ -68,12 +68,13 @@ class LatticeModelConfig(Config):
 
 
 class LatticeModel(nn.Module):
-    """Encoder, ``T`` lattice steps, head. See the module docstring.
+    """Encoder, ``T`` lattice steps, head. See the module docstring. ``backend``: the lattice
+    step's (:class:`LatticeMoE`), not part of the config or the checkpoint.
 
     Shapes: ``inputs: [B, X, Y, C]`` or ``[B, F]`` -> ``[B, num_outputs]``.
     """
 
-    def __init__(self, config: LatticeModelConfig) -> None:
+    def __init__(self, config: LatticeModelConfig, backend: str = "auto") -> None:
         super().__init__()
         self.config = config
         X, Y, _ = config.lattice.dims
@@ -84,7 +85,7 @@ class LatticeModel(nn.Module):
         else:
             self.encoder = nn.Linear(config.input_shape[0], X * Y * S)
             self.position = None
-        self.lattice = LatticeMoE(config.lattice)
+        self.lattice = LatticeMoE(config.lattice, backend=backend)
         self.head = nn.Linear(X * Y * S, config.num_outputs)
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:

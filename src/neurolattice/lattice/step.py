@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backends import check_backend, resolve
 from .config import LatticeConfig
 from .experts import DistantExpert, FunctionalExpert, Gate, LocalExpert
 from .geometry import lattice_geometry, pad_lattice, shifted, tier_sums
@@ -35,16 +36,21 @@ class LatticeMoE(nn.Module):
     Args:
         config: the lattice (dims, boundary, radii, sizes).
         block_elems: about how many elements of ``[B, x-planes, Y, Z, S]`` one block holds.
-        chunk_elems: the same for one slab of the functional tier's streamed softmax.
-            Both trade Python overhead against cache use, never the result.
+        chunk_elems: the same for one slab of the functional tier's streamed softmax (the
+            ``cpp`` backend: for one run of cells). Both trade overhead against cache use,
+            never the result.
+        backend: how the functional tier is aggregated: ``auto`` (the fastest available for
+            the states' device), ``torch`` or ``cpp`` (:mod:`.backends`). Not part of the
+            config: a checkpoint does not depend on it.
 
     Shapes: ``states: [B, X, Y, Z, S] -> [B, X, Y, Z, S]``.
     """
 
     def __init__(self, config: LatticeConfig, block_elems: int = DEFAULT_BLOCK_ELEMS,
-                 chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> None:
+                 chunk_elems: int = DEFAULT_CHUNK_ELEMS, backend: str = "auto") -> None:
         super().__init__()
         self.config = config
+        self.backend = check_backend(backend)
         self.block_elems = block_elems
         self.chunk_elems = chunk_elems
         S = config.state_size
@@ -97,11 +103,19 @@ class LatticeMoE(nn.Module):
         bias = None if self.functional_bias is None else self.functional_bias[:, x0: x1 + 2 * px]
         o_local = self.local(x, mean_local)
         o_functional = self.functional(x, xb, geometry.offsets[1], pad, bias, has_tier[..., 1],
-                                       self.chunk_elems)
+                                       self.chunk_elems, self.aggregate(x.device))
         o_distant = self.distant(x, mean_distant) * has_tier[..., 2:3]
         g = self.gate(x, mean_all, has_tier)                                    # (B, sx, Y, Z, 3)
         mixed = g[..., 0:1] * o_local + g[..., 1:2] * o_functional + g[..., 2:3] * o_distant
         return self.norm(x + mixed), g
+
+    def aggregate(self, device: torch.device):
+        """The functional tier's aggregate function of :attr:`backend` on ``device``."""
+        return resolve(self.backend, device.type)[1]
+
+    def backend_in_use(self, device: torch.device) -> str:
+        """The backend that runs on ``device`` (``auto`` resolved, a fallback applied)."""
+        return resolve(self.backend, device.type)[0]
 
     def check_states(self, states: torch.Tensor) -> None:
         """Raise a one-line ``ValueError`` unless ``states`` is a finite ``[B, X, Y, Z, S]`` float tensor."""
@@ -135,4 +149,5 @@ class LatticeMoE(nn.Module):
         c = self.config
         k = self.geometry.num_offsets
         return (f"dims={c.dims}, state_size={c.state_size}, boundary={c.boundary!r}, "
-                f"radii=({c.r_local}, {c.r_functional}, {c.r_distant}), offsets per tier={k}")
+                f"radii=({c.r_local}, {c.r_functional}, {c.r_distant}), offsets per tier={k}, "
+                f"backend={self.backend!r}")

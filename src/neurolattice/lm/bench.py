@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from neurolattice.bench.harness import run_isolated, time_ms
+from neurolattice.bench.harness import PEAK_REPEATS, matmul_peak, run_isolated, time_ms
 from neurolattice.bench.report import Benchmark, Column, Table, check_at_least, make_row
 from neurolattice.config import parse_overrides
 from neurolattice.train import TrainConfig, Trainer, distributed, seed_everything
@@ -53,21 +53,11 @@ from .task import LMTask
 ROW_KEYS = ("preset", "processes", "threads_per_process", "device", "precision", "global_batch", "micro_batch",
             "accum_steps", "seq_len", "tokens_per_step", "matmul_params", "model_flops_per_token",
             "ms_per_step", "tokens_per_s", "achieved_tflops", "peak_tflops", "mfu", "status")
-PEAK_REPEATS = 10
 TIMEOUT_S = 1800  # default limit of one launch; a hung process group is killed whole after it
 
 
 def compute_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def matmul_peak(device: str, precision: str, size: int, repeats: int = PEAK_REPEATS) -> float:
-    """FLOP/s of the best of ``repeats`` timed ``size x size`` matmuls (``2 size^3`` FLOPs each)
-    in the compute dtype of ``precision``, after one warm-up, with this process's torch threads."""
-    a, b = (torch.randn(size, size, device=device, dtype=compute_dtype(precision)) for _ in range(2))
-    a @ b
-    best_ms = min(time_ms(lambda: a @ b, device=device, warmup=0, repeats=1) for _ in range(repeats))
-    return 2 * size**3 / (best_ms / 1000)
 
 
 def measure(preset: str, overrides: dict[str, Any], global_batch: int, micro_batch: int, seq_len: int,
@@ -112,7 +102,7 @@ def bench_rows(presets: Sequence[str], processes: Sequence[int], *, global_batch
         length = seq_len or cfg.seq_len
         for p in processes:
             threads = None if cuda else max(1, torch.get_num_threads() // p)
-            peak = matmul_peak(device, precision, peak_size) * (p if cuda else 1)
+            peak = matmul_peak(device, compute_dtype(precision), peak_size) * (p if cuda else 1)
             row = dict(preset=preset, processes=p, threads_per_process=threads, device=device,
                        precision=precision, global_batch=global_batch, micro_batch=micro_batch,
                        accum_steps=global_batch // p // micro_batch, seq_len=length,

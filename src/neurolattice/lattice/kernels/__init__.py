@@ -1,3 +1,4 @@
-"""Device kernels for the lattice step: :mod:`.triton_functional` computes the functional
-tier's streamed attention (:class:`~neurolattice.lattice.experts.FunctionalAggregate`) in
-Triton for CUDA tensors. Importing this package imports no Triton."""
+"""Fused kernels of the functional tier's aggregation, one module per backend (see
+:mod:`neurolattice.lattice.backends`): :mod:`.cpu_functional` (C++, CPU) and
+:mod:`.triton_functional` (Triton, CUDA). Importing this package imports neither a compiler
+nor Triton."""

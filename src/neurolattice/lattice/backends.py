@@ -1,0 +1,104 @@
+"""Backends of the functional tier's aggregation: one switch, never part of a checkpoint.
+
+A backend computes :class:`~neurolattice.lattice.experts.FunctionalAggregate`'s function
+(same inputs, same output, same gradients) its own way:
+
+- ``torch``: :class:`~neurolattice.lattice.experts.FunctionalAggregate`, whole-tensor torch
+  ops per offset; runs anywhere, the benchmark's baseline.
+- ``cpp``: :class:`~neurolattice.lattice.kernels.cpu_functional.FusedFunctionalAggregate`,
+  one fused C++ kernel per direction, CPU tensors only, built on first use.
+- ``triton``: :class:`~neurolattice.lattice.kernels.triton_functional.TritonFunctionalAggregate`,
+  Triton kernels for CUDA tensors (tested in Triton's CPU interpreter; no GPU has run them yet).
+- ``auto``: the fastest one available for the tensors' device (:data:`AUTO_ORDER`).
+
+The choice is :class:`~neurolattice.lattice.LatticeMoE`'s ``backend`` attribute (a
+constructor argument, default ``auto``), not a :class:`~neurolattice.lattice.LatticeConfig`
+field, so a checkpoint neither records nor depends on it; every backend equals the per-cell
+reference to 1e-10 in float64 (tests/lattice/test_step.py). A backend that cannot be loaded
+here (no compiler, a failed build) gives one warning and the ``torch`` backend instead.
+
+A new backend is one :data:`BACKENDS` entry (and its place in :data:`AUTO_ORDER`): the devices
+it runs on and a loader returning ``aggregate(p_pad, q, v, score_bias, offsets, pad, chunk_elems)``
+or raising with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .experts import FunctionalAggregate
+
+Aggregate = Callable[..., object]
+
+
+def _cpp() -> Aggregate:
+    from .kernels import cpu_functional
+
+    cpu_functional.load()
+
+    def aggregate(p_pad, q, v, score_bias, offsets, pad, chunk_elems):
+        # chunk_elems elements of [cells, H] per run, within the kernel's buffers
+        run_cells = min(cpu_functional.MAX_RUN, max(1, chunk_elems // q.shape[-1]))
+        return cpu_functional.FusedFunctionalAggregate.apply(p_pad, q, v, score_bias, offsets, pad, run_cells)
+
+    return aggregate
+
+
+def _triton() -> Aggregate:
+    from .kernels.triton_functional import TritonFunctionalAggregate
+
+    return TritonFunctionalAggregate.apply
+
+
+@dataclass(frozen=True)
+class Backend:
+    devices: tuple[str, ...]             # torch device types it runs on, () for any
+    load: Callable[[], Aggregate]        # the aggregate function, or an exception saying why not
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend((), lambda: FunctionalAggregate.apply),
+    "cpp": Backend(("cpu",), _cpp),
+    "triton": Backend(("cuda",), _triton),
+}
+AUTO_ORDER = ("triton", "cpp", "torch")   # fastest first, among those for the tensors' device
+CHOICES = ("auto", *BACKENDS)
+
+
+def check_backend(name: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"backend must be one of {list(CHOICES)}, got {name!r}")
+    return name
+
+
+@functools.cache
+def _load(name: str) -> tuple[Aggregate | None, str]:
+    try:
+        return BACKENDS[name].load(), ""
+    except Exception as err:   # a missing compiler, a failed build, a missing module: all say why
+        return None, f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def availability(name: str, device_type: str = "cpu") -> str:
+    """Why backend ``name`` cannot run on ``device_type`` here, or "" if it can."""
+    backend = BACKENDS[name]
+    if backend.devices and device_type not in backend.devices:
+        return f"the {name} backend runs on {'/'.join(backend.devices)}, not {device_type}"
+    return _load(name)[1]
+
+
+@functools.cache
+def resolve(name: str, device_type: str) -> tuple[str, Aggregate]:
+    """The backend ``name`` (for ``auto``, the first of :data:`AUTO_ORDER` made for
+    ``device_type``) and its aggregate function; ``torch`` with one warning if it cannot run here."""
+    if check_backend(name) == "auto":
+        name = next(n for n in AUTO_ORDER if device_type in BACKENDS[n].devices or not BACKENDS[n].devices)
+    why = availability(name, device_type)
+    if why:
+        warnings.warn(f"neurolattice: {why}; using the torch backend", stacklevel=3)
+        name = "torch"
+    return name, _load(name)[0]
+

@@ -1,0 +1,45 @@
+"""The backend switch: choices, fallback with one warning, checkpoints independent of it."""
+
+import warnings
+
+import pytest
+import torch
+
+from neurolattice.lattice import LatticeConfig, LatticeMoE, backends
+from neurolattice.lattice.kernels import cpu_functional
+
+from .conftest import make, states_for
+
+
+def test_unknown_backend_is_one_line_error():
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'torch', 'cpp', 'triton'\], got 'cuda'"):
+        LatticeMoE(LatticeConfig(dims=(3, 3, 3)), backend="cuda")
+
+
+def test_no_compiler_falls_back_to_torch_with_one_warning(monkeypatch, small_config):
+    def no_compiler():
+        raise cpu_functional.KernelUnavailable("no C++ compiler found ($CXX, c++, g++, clang++)")
+
+    monkeypatch.setattr(cpu_functional, "load", no_compiler)
+    for cached in (backends._load, backends.resolve):
+        monkeypatch.setattr(backends, cached.__name__, cached.__wrapped__)
+    model = make(small_config, backend="auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(states_for(small_config, 1))
+    assert model.backend_in_use(out.device) == "torch"
+    messages = {str(w.message) for w in caught}
+    assert messages == {"neurolattice: KernelUnavailable: no C++ compiler found ($CXX, c++, g++, clang++); "
+                        "using the torch backend"}
+
+
+def test_cpp_backend_is_for_cpu_tensors_only():
+    assert backends.availability("cpp", "cuda") == "the cpp backend runs on cpu, not cuda"
+    assert backends.availability("torch", "cuda") == ""
+
+
+def test_backend_is_not_in_the_checkpoint(small_config):
+    a, b = make(small_config, backend="torch"), make(small_config, backend="cpp")
+    assert a.config == b.config and "backend" not in a.config.to_dict()
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
