@@ -12,7 +12,8 @@ all starting at rank 0) and, on each, for every case of :func:`step_cases` and b
   identity ``<F x, y> = <x, F^T y>``, each side summed over the group.
 
 Then, on the world: the one-line errors (a lattice too thin for 4 ranks, a rank with another
-config, a slab of the wrong shape); the runs of :data:`TRAINED` with the shared trainer
+lattice or model config, a slab of the wrong shape, a model split over 3 of the 4 ranks given to
+the trainer); the runs of :data:`TRAINED` with the shared trainer
 (``model_parallel=True``), each rank checking that its parameters equal rank 0's bit for bit;
 and last a rank missing: rank 3 never builds the lattice, the others time out naming it.
 Every rank writes what it measured to ``OUT/rank<r>.json``; rank 0 the parameters to
@@ -21,6 +22,7 @@ Every rank writes what it measured to ``OUT/rank<r>.json``; rank 0 the parameter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -112,6 +114,7 @@ MODELS = {
     "vector": LatticeModelConfig(lattice=LATTICE, input_shape=(5,), num_outputs=3, steps=1, redrive=False),
     "T0": LatticeModelConfig(lattice=LATTICE, input_shape=(9, 3, 1), num_outputs=3, steps=0),
 }
+RUNS = [*MODELS, "image-ckpt"]   # image-ckpt: recomputing each step (and its exchanges) in the backward
 TRAIN = TrainConfig(steps=3, batch_size=6, micro_batch_size=3, warmup_steps=1, lr=1e-2, log_every=1)
 
 
@@ -136,8 +139,8 @@ def train(run: str, out: Path, until: int | None = None, resume: bool = False) -
     config = MODELS[run.split("-")[0]]
     torch.manual_seed(0)
     model = ShardedLatticeModel(config) if dist.is_initialized() else LatticeModel(config)
-    trainer = Trainer(model, Classes(config), TRAIN, out_dir=out / run, model_parallel=dist.is_initialized(),
-                      model_config=config.to_dict())
+    cfg = dataclasses.replace(TRAIN, grad_checkpointing=run.endswith("-ckpt"))
+    trainer = Trainer(model, Classes(config), cfg, out_dir=out / run, model_config=config.to_dict())
     if resume:
         trainer.resume()
     trainer.fit(until=until, progress=False)
@@ -181,15 +184,21 @@ def main(out: Path) -> None:
         errors["mismatch"] = error_of(lambda: ShardedLatticeMoE(LatticeConfig(dims=(9, 3, 4), **RADII, **other)))
         sharded = ShardedLatticeMoE(LatticeConfig(dims=(9, 3, 4), **RADII, **SMALL))
         errors["slab_shape"] = error_of(lambda: sharded(torch.zeros(1, 9, 3, 4, 3)))
+        outputs = 3 if rank != 1 else 4
+        errors["model_mismatch"] = error_of(lambda: ShardedLatticeModel(dataclasses.replace(MODELS["T0"],
+                                                                                            num_outputs=outputs)))
+        sub = groups[2] if rank in GROUPS[2] else None      # split over 3 of the 4 ranks: no trainer for it
+        errors["data_parallel"] = error_of(lambda: Trainer(ShardedLatticeModel(MODELS["T0"], sub), Classes(
+            MODELS["T0"]), TRAIN)) if sub is not None else "not in the group"
 
-        for run in MODELS:
+        for run in RUNS:
             save_params(train(run, out), out / run / "result.pt")
         train("image-stop", out, until=2)
         save_params(train("image-resume", out, resume=True), out / "image-resume" / "result.pt")
 
         # rank 3 is missing: it waits until the others have given up
         if rank == 3:
-            time.sleep(4.0)
+            time.sleep(2.5)
         else:
             errors["missing"] = error_of(lambda: ShardedLatticeMoE(LATTICE, timeout_s=1.0))
         (out / f"rank{rank}.json").write_text(json.dumps(record))

@@ -22,7 +22,7 @@ from neurolattice.train import load_checkpoint
 
 from ..train.test_ddp import launch
 from .conftest import make, states_for
-from .shard_worker import BATCHES, GROUPS, LATTICE, MODELS, RADII, SMALL, step_cases, train
+from .shard_worker import BATCHES, GROUPS, LATTICE, MODELS, RADII, RUNS, SMALL, step_cases, train
 
 WORKER = Path(__file__).with_name("shard_worker.py")
 
@@ -33,7 +33,7 @@ def runs(tmp_path_factory) -> Path:
     Stopped runs cross over: the single process's step 2 resumes sharded, and the other way."""
     root = tmp_path_factory.mktemp("shard")
     single, sharded = root / "single", root / "sharded"
-    for run in MODELS:
+    for run in RUNS:
         torch.save(train(run, single).model.state_dict(), single / run / "result.pt")
     train("image-stop", single, until=2)
     shutil.copytree(single / "image-stop", sharded / "image-resume")
@@ -77,10 +77,11 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("run", [*MODELS, "image-resume"])
+@pytest.mark.parametrize("run", [*RUNS, "image-resume"])
 def test_sharded_training_equals_the_single_process(runs, run):
     """3 optimizer steps (2 micro-batches each) of the model sharded over 4 ranks (slabs 3, 2, 2, 2)
-    against the plain model in float32: image and vector input, T = 2, 1 and 0; and a run stopped
+    against the plain model in float32: image and vector input, T = 2, 1 and 0, gradient
+    checkpointing (the exchanges recomputed in the backward); and a run stopped
     at step 2 and resumed on the other number of ranks (the checkpoint is one logical model)."""
     single = torch.load(runs / "single" / run / "result.pt")
     sharded = torch.load(runs / "sharded" / run / "result.pt")
@@ -96,13 +97,18 @@ def test_a_sharded_checkpoint_loads_into_the_plain_model(runs):
 
 
 def test_one_line_errors(runs):
-    """A lattice too thin for 4 ranks, a rank with another config, a slab of the wrong shape, and
-    a rank that never comes (rank 0 names it; the others point at rank 0): no hang."""
+    """A lattice too thin for 4 ranks, a rank with another lattice or model config, a slab of the
+    wrong shape, a model split over 3 of 4 ranks given to the trainer, and a rank that never comes
+    (rank 0 names it; the others point at rank 0): no hang."""
     errors = [rec["errors"] for rec in records(runs)]
     for r, e in enumerate(errors):
         assert e["too_thin"] == ("a lattice of X = 7 planes cannot be split over 4 ranks: a slab needs at least "
                                  "2 plane(s) (the halo of r_distant = 2.5), so at most 3 ranks")
         assert e["mismatch"] == "rank 2's lattice config differs from rank 0's: state_size = 4 vs 3"
+        assert e["model_mismatch"] == "rank 1's model config differs from rank 0's: num_outputs = 4 vs 3"
+        assert e["data_parallel"] == ("not in the group" if r == 3 else
+                                      "the model is split over 3 of the 4 ranks: data parallelism over copies of "
+                                      "a split model is not supported; split it over every rank")
         assert e["slab_shape"] == f"states must be [B, X, Y, Z, S] = [*, {3 if r == 0 else 2}, 3, 4, 3], " \
                                   "got [1, 9, 3, 4, 3]"
         assert all("\n" not in message for message in e.values())

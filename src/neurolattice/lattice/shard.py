@@ -35,8 +35,9 @@ same exchange carries the halo gradients back, and each rank adds what it receiv
 border planes (the halo past an open face is no cell: its gradient is dropped).
 
 **Parameters** are replicated. A rank's backward gives the gradient of the cells it steps, so a
-parameter's whole gradient is the sum over the ranks: :class:`ShardedLatticeModel` trained by
-``Trainer(..., model_parallel=True)`` sums them in one all-reduce per optimizer step.
+parameter's whole gradient is the sum over the ranks: the shared trainer, given a
+:class:`ShardedLatticeModel` over all its ranks, sums them in one all-reduce per optimizer step
+(every rank runs the whole batch; data parallelism on top of the split is refused in one line).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from neurolattice.config import Config
 
 from .config import LatticeConfig
 from .geometry import lattice_geometry, pad_lattice, tier_sums
@@ -108,12 +111,13 @@ class SlabLayout:
         if not (dist.is_available() and dist.is_initialized()):
             group, rank, world, globals_ = None, 0, 1, [0]
         else:
-            group = group or dist.group.WORLD
+            group = dist.group.WORLD if group is None else group
             rank, world = dist.get_rank(group), dist.get_world_size(group)
             globals_ = [dist.get_global_rank(group, r) for r in range(world)]
         bounds = slab_bounds(config, world)
         if world > 1:
-            _check_peers(config, group, globals_, timeout_s)
+            _check_presence(group, globals_, timeout_s)
+            check_same(config, "lattice config", group, globals_)
         periodic = config.boundary == "periodic"
 
         def neighbour(r: int) -> int | None:
@@ -145,9 +149,9 @@ class SlabLayout:
         return from_left, from_right
 
 
-def _check_peers(config: LatticeConfig, group: dist.ProcessGroup, ranks: list[int], timeout_s: float) -> None:
-    """Every rank of ``group`` present (a monitored barrier on gloo, a barrier elsewhere) and
-    holding the same lattice config as the group's first rank."""
+def _check_presence(group: dist.ProcessGroup, ranks: list[int], timeout_s: float) -> None:
+    """Every rank of ``group`` (global ``ranks``) there within ``timeout_s``: a monitored barrier
+    on gloo (which names the missing ranks), a barrier elsewhere."""
     try:
         if dist.get_backend(group) == "gloo":
             dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
@@ -157,13 +161,18 @@ def _check_peers(config: LatticeConfig, group: dist.ProcessGroup, ranks: list[in
         reason = str(err).strip().splitlines()[0]
         raise RuntimeError(f"the sharded lattice over ranks {ranks} did not assemble within {timeout_s:g} s: "
                            f"{reason}") from None
+
+
+def check_same(config: Config, what: str, group: dist.ProcessGroup, ranks: list[int]) -> None:
+    """One-line ``ValueError`` on every rank of ``group`` unless all hold the ``config`` of its
+    first rank (the first differing field named)."""
     configs: list[dict | None] = [None] * len(ranks)
     dist.all_gather_object(configs, config.to_dict(), group=group)
     for r, other in zip(ranks, configs):
         diff = [k for k in configs[0] if other[k] != configs[0][k]]
         if diff:
             k = diff[0]
-            raise ValueError(f"rank {r}'s lattice config differs from rank {ranks[0]}'s: "
+            raise ValueError(f"rank {r}'s {what} differs from rank {ranks[0]}'s: "
                              f"{k} = {other[k]!r} vs {configs[0][k]!r}")
 
 
@@ -283,8 +292,9 @@ class ShardedLatticeModel(LatticeModel):
     slab; the head reads the slab's part of the ``z = Z - 1`` face (:class:`SlabHead`), and
     every rank gets the whole logits. The parameters are the single-process model's for the same
     seed, then broadcast from the group's first rank, so the replicas start equal whatever the
-    ranks' RNGs. A ``trace`` holds this rank's slab. Train it with
-    ``Trainer(..., model_parallel=True)``, which sums the gradients over the ranks.
+    ranks' RNGs. A ``trace`` holds this rank's slab. The shared trainer sees
+    :attr:`model_parallel_world` and sums the gradients over the ranks (no DDP).
+    Construction fails in one line when the ranks' model configs differ.
     """
 
     def __init__(self, config: LatticeModelConfig, group: dist.ProcessGroup | None = None,
@@ -298,9 +308,16 @@ class ShardedLatticeModel(LatticeModel):
         _, Y, _ = config.lattice.dims
         self.head = SlabHead(self.head, layout, Y * config.lattice.state_size)
         if layout.world > 1:
+            check_same(config, "model config", layout.group, [dist.get_global_rank(layout.group, r)
+                                                               for r in range(layout.world)])
             with torch.no_grad():
                 for tensor in self.state_dict().values():
                     dist.broadcast(tensor, dist.get_global_rank(layout.group, 0), layout.group)
+
+    @property
+    def model_parallel_world(self) -> int:
+        """How many ranks the model spans (the shared trainer sums its gradients over them)."""
+        return self.lattice.layout.world
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """This rank's planes of the input face, ``[B, x1 - x0, Y, S]``."""

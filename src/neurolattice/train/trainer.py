@@ -269,6 +269,12 @@ class Trainer:
 
     Args:
         model: the module to train, on its device; wrapped in DDP when there are several ranks.
+            A model split over the ranks instead of replicated (a sharded lattice,
+            :class:`~neurolattice.lattice.shard.ShardedLatticeModel`) says so with an attribute
+            ``model_parallel_world``, the number of ranks it spans: it must span them all; every
+            rank then runs the whole batch (``W = 1`` above), there is no DDP, and the parameters'
+            gradients (each rank's holds its part of the model's) are summed over the ranks in one
+            all-reduce after the last micro-batch.
             Seed its initialisation yourself (:func:`seed_everything`); the trainer re-seeds the
             global RNGs with ``cfg.seed + rank`` for the randomness of training (dropout...).
         task: the data, the loss and the evaluation.
@@ -277,11 +283,6 @@ class Trainer:
         model_config: the system's config dict (model and task), saved in ``run_config.json`` under
             ``"model"`` and checked when resuming.
         name: what the progress bar calls the run (``train`` by default).
-        model_parallel: the model is split over all the ranks (a sharded lattice,
-            :class:`~neurolattice.lattice.shard.ShardedLatticeModel`) instead of replicated: every
-            rank runs the whole batch (``W = 1`` above), there is no DDP, and the parameters'
-            gradients (each rank's holds its part of the model's) are summed over the ranks in one
-            all-reduce after the last micro-batch. No data parallelism on top of it.
 
     Every logged record goes to ``out_dir/metrics.jsonl`` (one JSON object per line) and, as
     scalars at its ``step``, to TensorBoard event files in ``out_dir``
@@ -297,7 +298,6 @@ class Trainer:
         out_dir: str | os.PathLike | None = None,
         model_config: dict[str, Any] | None = None,
         name: str = "train",
-        model_parallel: bool = False,
     ) -> None:
         self.model, self.task, self.cfg = model, task, cfg
         self.out_dir = None if out_dir is None else Path(out_dir)
@@ -305,9 +305,14 @@ class Trainer:
         self.name = name
         self._events: Any = None  # the TensorBoard writer, opened at the first log
         self.device = next(model.parameters()).device
-        self.model_parallel = model_parallel
+        parts = getattr(model, "model_parallel_world", 1)
+        if parts not in (1, distributed.world_size()):
+            raise ValueError(f"the model is split over {parts} of the {distributed.world_size()} ranks: data "
+                             "parallelism over copies of a split model is not supported; split it over every rank")
+        self.model_parallel = parts > 1
         # the ranks that split the batch: all of them, or none for a model split over them
-        self._data_rank, self._data_world = (0, 1) if model_parallel else (distributed.rank(), distributed.world_size())
+        self._data_rank, self._data_world = (0, 1) if self.model_parallel else (distributed.rank(),
+                                                                                  distributed.world_size())
         world = self._data_world
         if cfg.batch_size % world:
             raise ValueError(f"batch_size {cfg.batch_size} does not split over {world} ranks")
@@ -317,7 +322,7 @@ class Trainer:
             raise ValueError(f"a rank's share of the batch ({cfg.batch_size} / {world} ranks = "
                              f"{self.rank_batch}) is not a multiple of micro_batch_size {self.micro_batch}")
         seed_everything(cfg.seed + distributed.rank())
-        self.ddp_model = model if model_parallel else distributed.wrap(model)
+        self.ddp_model = model if self.model_parallel else distributed.wrap(model)
         self.optimizer = torch.optim.AdamW(_param_groups(model, task.lr_scales(model), cfg), lr=cfg.lr,
                                            betas=cfg.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
