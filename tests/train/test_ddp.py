@@ -38,11 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, jobs: list[dict], killed: bool = False) -> None:
-    """Run the worker's ``jobs`` under ``torchrun`` on ``nproc`` CPU ranks; fail with its output
-    if it fails, or, with ``killed``, unless it fails (its workers killed themselves)."""
+def launch(nproc: int, jobs: list[dict] | dict, killed: bool = False, worker: Path = WORKER) -> None:
+    """Run ``worker``'s ``jobs`` (JSON, its one argument) under ``torchrun`` on ``nproc`` CPU ranks;
+    fail with its output if it fails, or, with ``killed``, unless it fails (its workers killed themselves)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), json.dumps(jobs)]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(worker), json.dumps(jobs)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

@@ -80,11 +80,16 @@ class LatticeMoE(nn.Module):
         if validate:
             self.check_states(states)
         B, X, Y, Z, S = states.shape
-        xp = pad_lattice(states, self.geometry.pad, self.config.boundary)         # (B, X', Y', Z', S)
+        xp = self.pad_states(states)                                             # (B, X', Y', Z', S)
         slab = min(X, max(1, self.block_elems // (B * Y * Z * S), 2 * self.geometry.pad[0]))
         blocks = [self._block(xp, x0, min(X, x0 + slab)) for x0 in range(0, X, slab)]
         new_states, gates = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in zip(*blocks))
         return (new_states, gates) if return_gates else new_states
+
+    def pad_states(self, states: torch.Tensor) -> torch.Tensor:
+        """``states`` padded by ``geometry.pad`` (zeros or wrapped copies); a sharded step
+        (:mod:`.shard`) pads x with its neighbours' planes instead."""
+        return pad_lattice(states, self.geometry.pad, self.config.boundary)
 
     def _block(self, xp: torch.Tensor, x0: int, x1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """New states and gate weights of the cells ``x0 <= x < x1``, from the padded ``xp``."""
@@ -118,8 +123,9 @@ class LatticeMoE(nn.Module):
         return resolve(self.backend, device.type)[0]
 
     def check_states(self, states: torch.Tensor) -> None:
-        """Raise a one-line ``ValueError`` unless ``states`` is a finite ``[B, X, Y, Z, S]`` float tensor."""
-        X, Y, Z = self.config.dims
+        """Raise a one-line ``ValueError`` unless ``states`` is a finite ``[B, X, Y, Z, S]`` float
+        tensor, ``(X, Y, Z)`` the cells this module steps (those of :attr:`counts`)."""
+        X, Y, Z = self.counts.shape[:3]
         S = self.config.state_size
         expected = f"[B, X, Y, Z, S] = [*, {X}, {Y}, {Z}, {S}]"
         if not isinstance(states, torch.Tensor):

@@ -86,6 +86,23 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def sum_gradients(model: nn.Module) -> None:
+    """Replace every trainable parameter's gradient by its sum over the ranks, in one all-reduce:
+    for a model split over the ranks, whose gradient on each rank is that of its own part. A
+    parameter without a gradient on some rank counts zeros there; one without a gradient on any
+    rank keeps none (so the optimizer leaves it alone, as in one process)."""
+    if world_size() == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    has = torch.tensor([float(p.grad is not None) for p in params])
+    flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
+                     + [has.to(params[0])])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    *totals, anyone = flat.split([p.numel() for p in params] + [len(params)])
+    for p, total, used in zip(params, totals, anyone.tolist()):
+        p.grad = total.view_as(p) if used else None
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

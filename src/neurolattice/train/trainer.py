@@ -269,6 +269,12 @@ class Trainer:
 
     Args:
         model: the module to train, on its device; wrapped in DDP when there are several ranks.
+            A model split over the ranks instead of replicated (a sharded lattice,
+            :class:`~neurolattice.lattice.shard.ShardedLatticeModel`) says so with an attribute
+            ``model_parallel_world``, the number of ranks it spans: it must span them all; every
+            rank then runs the whole batch (``W = 1`` above), there is no DDP, and the parameters'
+            gradients (each rank's holds its part of the model's) are summed over the ranks in one
+            all-reduce after the last micro-batch.
             Seed its initialisation yourself (:func:`seed_everything`); the trainer re-seeds the
             global RNGs with ``cfg.seed + rank`` for the randomness of training (dropout...).
         task: the data, the loss and the evaluation.
@@ -299,7 +305,15 @@ class Trainer:
         self.name = name
         self._events: Any = None  # the TensorBoard writer, opened at the first log
         self.device = next(model.parameters()).device
-        world = distributed.world_size()
+        parts = getattr(model, "model_parallel_world", 1)
+        if parts not in (1, distributed.world_size()):
+            raise ValueError(f"the model is split over {parts} of the {distributed.world_size()} ranks: data "
+                             "parallelism over copies of a split model is not supported; split it over every rank")
+        self.model_parallel = parts > 1
+        # the ranks that split the batch: all of them, or none for a model split over them
+        self._data_rank, self._data_world = (0, 1) if self.model_parallel else (distributed.rank(),
+                                                                                  distributed.world_size())
+        world = self._data_world
         if cfg.batch_size % world:
             raise ValueError(f"batch_size {cfg.batch_size} does not split over {world} ranks")
         self.rank_batch = cfg.batch_size // world
@@ -308,7 +322,7 @@ class Trainer:
             raise ValueError(f"a rank's share of the batch ({cfg.batch_size} / {world} ranks = "
                              f"{self.rank_batch}) is not a multiple of micro_batch_size {self.micro_batch}")
         seed_everything(cfg.seed + distributed.rank())
-        self.ddp_model = distributed.wrap(model)
+        self.ddp_model = model if self.model_parallel else distributed.wrap(model)
         self.optimizer = torch.optim.AdamW(_param_groups(model, task.lr_scales(model), cfg), lr=cfg.lr,
                                            betas=cfg.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
@@ -325,13 +339,13 @@ class Trainer:
         """One optimizer step (see the class docstring). Gradients stay in ``.grad`` until the
         next step. Returns ``loss_sum`` (this rank's), ``targets`` (``N``, all ranks) and
         ``grad_norm`` (before clipping), as tensors: no host sync, no extra collective."""
-        cfg, world = self.cfg, distributed.world_size()
+        cfg, world = self.cfg, self._data_world
         idx = self.sampler.take(cfg.batch_size)
-        idx = idx[distributed.rank() * self.rank_batch:][:self.rank_batch]
+        idx = idx[self._data_rank * self.rank_batch:][:self.rank_batch]
         batches = [self.task.train_data[i] for i in idx.split(self.micro_batch)]
         local = sum(torch.as_tensor(self.task.count_targets(b)) for b in batches)
         # The step's global target count N: the one place where the ranks' counts meet.
-        targets = distributed.all_reduce_sum(local.to(self.device, torch.long))
+        targets = self._data_sum(local.to(self.device, torch.long))
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for m, batch in enumerate(batches):
@@ -342,6 +356,8 @@ class Trainer:
                                            grad_checkpointing=cfg.grad_checkpointing)
                 (l * world / targets.clamp(min=1)).backward()
             loss_sum += l.detach().float()
+        if self.model_parallel:
+            distributed.sum_gradients(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         self.optimizer.step()
         self.scheduler.step()
@@ -386,7 +402,7 @@ class Trainer:
                 if step % cfg.log_every == 0 or step == end:
                     seconds = time.perf_counter() - clock
                     n = self._targets.item()
-                    record |= {"loss": distributed.all_reduce_sum(self._loss_sum).item() / max(n, 1), "lr": lr,
+                    record |= {"loss": self._data_sum(self._loss_sum).item() / max(n, 1), "lr": lr,
                                "grad_norm": out["grad_norm"].item(),
                                "samples_per_s": self._since * cfg.batch_size / seconds,
                                "targets_per_s": n / seconds}
@@ -418,6 +434,10 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)
         self._targets = torch.zeros((), dtype=torch.long, device=self.device)
         self._since = 0
+
+    def _data_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the ranks that split the batch (they hold shares of it)."""
+        return value if self._data_world == 1 else distributed.all_reduce_sum(value)
 
     def _any(self, flag: bool) -> bool:
         """``flag`` of any rank (one all-reduce per call on several ranks, none alone)."""
@@ -456,7 +476,7 @@ class Trainer:
         """What a checkpoint holds besides the weights: the step, optimizer, schedule, data
         position, every rank's RNG state (in rank order) and the sums of the logging interval
         under way (``log``: the loss summed over all ranks, the targets, the steps)."""
-        log = {"loss_sum": distributed.all_reduce_sum(self._loss_sum).item(), "targets": self._targets.item(),
+        log = {"loss_sum": self._data_sum(self._loss_sum).item(), "targets": self._targets.item(),
                "since": self._since}
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "data": self.sampler.state_dict(),
@@ -496,7 +516,7 @@ class Trainer:
         self._reset_sums()
         log = state.get("log")  # absent in checkpoints written before it was saved
         if log is not None:
-            if distributed.is_main():  # the ranks' sums are all-reduced at the next log: one holds them
+            if self._data_rank == 0:  # the ranks' sums are all-reduced at the next log: one holds them
                 self._loss_sum.fill_(log["loss_sum"])
             self._targets.fill_(log["targets"])
             self._since = log["since"]
