@@ -1,5 +1,6 @@
-"""The ``cpp`` backend: :class:`~neurolattice.lattice.experts.FunctionalAggregate` as one fused
-C++ kernel per direction (``cpu_functional.cpp``), for float32 and float64 CPU tensors.
+"""The ``cpp`` backend: :class:`~neurolattice.lattice.experts.FunctionalAggregate` and
+:func:`~neurolattice.lattice.geometry.tier_sums` as fused C++ kernels, one call per direction
+(``cpu_functional.cpp``), for float32 and float64 CPU tensors.
 
 Built on first use with the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``)
 as ``-O3 -march=native``, i.e. for the machine it runs on, into a shared library loaded with
