@@ -17,9 +17,12 @@ field, so a checkpoint neither records nor depends on it; every backend equals t
 reference to 1e-10 in float64 (tests/lattice/test_step.py). A backend that cannot be loaded
 here (no compiler, a failed build) gives one warning and the ``torch`` backend instead.
 
+A backend also says how the tier sums are computed (:class:`Kernels`): ``cpp`` has its own
+kernel (:class:`~neurolattice.lattice.kernels.cpu_functional.FusedTierSums`), the others use
+:func:`~neurolattice.lattice.geometry.tier_sums`.
+
 A new backend is one :data:`BACKENDS` entry (and its place in :data:`AUTO_ORDER`): the devices
-it runs on and a loader returning ``aggregate(p_pad, q, v, score_bias, offsets, pad, chunk_elems)``
-or raising with a one-line reason.
+it runs on and a loader returning its :class:`Kernels` or raising with a one-line reason.
 """
 
 from __future__ import annotations
@@ -30,37 +33,54 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .experts import FunctionalAggregate
+from .geometry import LatticeGeometry, tier_sums
 
 Aggregate = Callable[..., object]
 
 
-def _cpp() -> Aggregate:
+@dataclass(frozen=True)
+class Kernels:
+    """What a backend computes its own way.
+
+    ``aggregate(p_pad, q, v, score_bias, offsets, pad, chunk_elems)``: the function of
+    :class:`~neurolattice.lattice.experts.FunctionalAggregate`;
+    ``tier_sums(xp, geometry, dims)``: that of :func:`~neurolattice.lattice.geometry.tier_sums`.
+    """
+
+    aggregate: Aggregate
+    tier_sums: Callable[..., list] = tier_sums
+
+
+def _cpp() -> Kernels:
     from .kernels import cpu_functional
 
     cpu_functional.load()
 
     def aggregate(p_pad, q, v, score_bias, offsets, pad, chunk_elems):
-        # chunk_elems elements of [cells, H] per run, within the kernel's buffers
-        run_cells = min(cpu_functional.MAX_RUN, max(1, chunk_elems // q.shape[-1]))
+        # chunk_elems elements of [cells, H] per run, at most one vector register of cells
+        run_cells = min(cpu_functional.lanes(q.dtype), max(1, chunk_elems // q.shape[-1]))
         return cpu_functional.FusedFunctionalAggregate.apply(p_pad, q, v, score_bias, offsets, pad, run_cells)
 
-    return aggregate
+    def sums(xp, geometry: LatticeGeometry, dims=None):
+        return list(cpu_functional.FusedTierSums.apply(xp, geometry.offsets, geometry.pad, dims or geometry.dims))
+
+    return Kernels(aggregate, sums)
 
 
-def _triton() -> Aggregate:
+def _triton() -> Kernels:
     from .kernels.triton_functional import TritonFunctionalAggregate
 
-    return TritonFunctionalAggregate.apply
+    return Kernels(TritonFunctionalAggregate.apply)
 
 
 @dataclass(frozen=True)
 class Backend:
     devices: tuple[str, ...]             # torch device types it runs on, () for any
-    load: Callable[[], Aggregate]        # the aggregate function, or an exception saying why not
+    load: Callable[[], Kernels]          # its kernels, or an exception saying why not
 
 
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend((), lambda: FunctionalAggregate.apply),
+    "torch": Backend((), lambda: Kernels(FunctionalAggregate.apply)),
     "cpp": Backend(("cpu",), _cpp),
     "triton": Backend(("cuda",), _triton),
 }
@@ -75,7 +95,7 @@ def check_backend(name: str) -> str:
 
 
 @functools.cache
-def _load(name: str) -> tuple[Aggregate | None, str]:
+def _load(name: str) -> tuple[Kernels | None, str]:
     try:
         return BACKENDS[name].load(), ""
     except Exception as err:   # a missing compiler, a failed build, a missing module: all say why
@@ -91,9 +111,9 @@ def availability(name: str, device_type: str = "cpu") -> str:
 
 
 @functools.cache
-def resolve(name: str, device_type: str) -> tuple[str, Aggregate]:
+def resolve(name: str, device_type: str) -> tuple[str, Kernels]:
     """The backend ``name`` (for ``auto``, the first of :data:`AUTO_ORDER` made for
-    ``device_type``) and its aggregate function; ``torch`` with one warning if it cannot run here."""
+    ``device_type``) and its kernels; ``torch`` with one warning if it cannot run here."""
     if check_backend(name) == "auto":
         name = next(n for n in AUTO_ORDER if device_type in BACKENDS[n].devices or not BACKENDS[n].devices)
     why = availability(name, device_type)

@@ -100,7 +100,8 @@ class LatticeMoE(nn.Module):
         x = shifted(xb, pad, (0, 0, 0), dims)                                   # (B, sx, Y, Z, S)
         counts = self.counts[x0:x1]                                             # (sx, Y, Z, 3)
         has_tier = counts > 0
-        sum_local, sum_functional, sum_distant = tier_sums(xb, geometry, dims)
+        kernels = self.kernels(x.device)
+        sum_local, sum_functional, sum_distant = kernels.tier_sums(xb, geometry, dims)
         mean_local = sum_local / counts[..., 0:1].clamp_min(1)
         mean_distant = sum_distant / counts[..., 2:3].clamp_min(1)
         mean_all = (sum_local + sum_functional + sum_distant) / counts.sum(-1, keepdim=True).clamp_min(1)
@@ -108,14 +109,15 @@ class LatticeMoE(nn.Module):
         bias = None if self.functional_bias is None else self.functional_bias[:, x0: x1 + 2 * px]
         o_local = self.local(x, mean_local)
         o_functional = self.functional(x, xb, geometry.offsets[1], pad, bias, has_tier[..., 1],
-                                       self.chunk_elems, self.aggregate(x.device))
+                                       self.chunk_elems, kernels.aggregate)
         o_distant = self.distant(x, mean_distant) * has_tier[..., 2:3]
         g = self.gate(x, mean_all, has_tier)                                    # (B, sx, Y, Z, 3)
         mixed = g[..., 0:1] * o_local + g[..., 1:2] * o_functional + g[..., 2:3] * o_distant
         return self.norm(x + mixed), g
 
-    def aggregate(self, device: torch.device):
-        """The functional tier's aggregate function of :attr:`backend` on ``device``."""
+    def kernels(self, device: torch.device):
+        """The :class:`~.backends.Kernels` (tier sums, the functional tier's aggregate) of
+        :attr:`backend` on ``device``."""
         return resolve(self.backend, device.type)[1]
 
     def backend_in_use(self, device: torch.device) -> str:

@@ -1,5 +1,6 @@
-"""The ``cpp`` backend: :class:`~neurolattice.lattice.experts.FunctionalAggregate` as one fused
-C++ kernel per direction (``cpu_functional.cpp``), for float32 and float64 CPU tensors.
+"""The ``cpp`` backend: :class:`~neurolattice.lattice.experts.FunctionalAggregate` and
+:func:`~neurolattice.lattice.geometry.tier_sums` as fused C++ kernels, one call per direction
+(``cpu_functional.cpp``), for float32 and float64 CPU tensors.
 
 Built on first use with the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``)
 as ``-O3 -march=native``, i.e. for the machine it runs on, into a shared library loaded with
@@ -31,7 +32,6 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_functional.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-pthread")
-MAX_RUN = 16  # kMaxRun of the source: most cells per run
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -92,39 +92,88 @@ def _int32s(values) -> ctypes.Array:
     return (ctypes.c_int32 * len(values))(*values)
 
 
+def lanes(dtype: torch.dtype) -> int:
+    """Cells per vector register of the built kernel for ``dtype`` (the most cells of one run)."""
+    return getattr(load(), f"nl_functional_lanes_{SUFFIX[dtype]}")()
+
+
+def _z_major(t: torch.Tensor) -> torch.Tensor:
+    """``[B, X, Y, Z, H] -> [B, X, Y, H, Z]``, contiguous: the kernel loads W cells of one e at once."""
+    return t.transpose(-1, -2).contiguous()
+
+
 class FusedFunctionalAggregate(torch.autograd.Function):
     """The same function, inputs and output as :class:`~neurolattice.lattice.experts.FunctionalAggregate`
-    (``run_cells`` in place of its ``chunk_elems``: cells of one run, at most :data:`MAX_RUN`),
-    each direction one call of the C++ kernel: runs of up to ``run_cells`` cells along z walk
-    the offsets with their running max, denominator and weighted sum in L1-sized buffers."""
+    (``run_cells`` in place of its ``chunk_elems``: cells of one run, at most :func:`lanes`),
+    each direction one call of the C++ kernel. ``P`` and ``Q`` go to it z-major
+    (``[B, X, Y, H, Z]``, one transposing copy each), so one vector register holds one hidden
+    unit of ``W`` consecutive cells and the online softmax runs on ``W`` cells at once."""
 
     @staticmethod
     def forward(ctx, p_pad, q, v, score_bias, offsets, pad, run_cells):
         lib, suffix = load(), SUFFIX[q.dtype]
-        p_pad, q, v = p_pad.contiguous(), q.contiguous(), v.contiguous()
+        p_t, q_t, v = _z_major(p_pad), _z_major(q), v.contiguous()
         score_bias = None if score_bias is None else score_bias.contiguous()
-        hagg = torch.empty_like(q)
+        hagg = torch.empty_like(q, memory_format=torch.contiguous_format)
         run_max, den = q.new_empty(q.shape[:-1]), q.new_empty(q.shape[:-1])
         shape = _int32s([*q.shape[:4], *pad, q.shape[-1], run_cells])
         flat_offsets = _int32s(c for o in offsets for c in o)
         getattr(lib, f"nl_functional_forward_{suffix}")(
-            _ptr(p_pad), _ptr(q), _ptr(v), _ptr(score_bias), flat_offsets, len(offsets), shape,
+            _ptr(p_t), _ptr(q_t), _ptr(v), _ptr(score_bias), flat_offsets, len(offsets), shape,
             _ptr(hagg), _ptr(run_max), _ptr(den), torch.get_num_threads())
-        ctx.save_for_backward(p_pad, q, v, score_bias, run_max, den, hagg)
+        ctx.save_for_backward(p_t, q_t, v, score_bias, run_max, den, hagg)
         ctx.offsets, ctx.pad, ctx.run_cells = offsets, pad, run_cells
         return hagg
 
     @staticmethod
     def backward(ctx, grad_hagg):
-        """The derivation of :meth:`FunctionalAggregate.backward`, per run of cells."""
-        p_pad, q, v, score_bias, run_max, den, hagg = ctx.saved_tensors
-        lib, suffix = load(), SUFFIX[q.dtype]
+        """The derivation of :meth:`FunctionalAggregate.backward`, per run of cells; ``dL/dP`` is
+        accumulated z-major and returned as a transposed view."""
+        p_t, q_t, v, score_bias, run_max, den, hagg = ctx.saved_tensors
+        lib, suffix = load(), SUFFIX[q_t.dtype]
         grad_hagg = grad_hagg.contiguous()
-        d_p_pad, d_q, d_v = torch.zeros_like(p_pad), torch.zeros_like(q), torch.zeros_like(v)
-        shape = _int32s([*q.shape[:4], *ctx.pad, q.shape[-1], ctx.run_cells])
+        d_p_t, d_q, d_v = torch.zeros_like(p_t), torch.zeros_like(hagg), torch.zeros_like(v)
+        shape = _int32s([*hagg.shape[:4], *ctx.pad, hagg.shape[-1], ctx.run_cells])
         flat_offsets = _int32s(c for o in ctx.offsets for c in o)
         getattr(lib, f"nl_functional_backward_{suffix}")(
-            _ptr(p_pad), _ptr(q), _ptr(v), _ptr(score_bias), flat_offsets, len(ctx.offsets), shape,
-            _ptr(grad_hagg), _ptr(hagg), _ptr(run_max), _ptr(den), _ptr(d_p_pad), _ptr(d_q), _ptr(d_v),
+            _ptr(p_t), _ptr(q_t), _ptr(v), _ptr(score_bias), flat_offsets, len(ctx.offsets), shape,
+            _ptr(grad_hagg), _ptr(hagg), _ptr(run_max), _ptr(den), _ptr(d_p_t), _ptr(d_q), _ptr(d_v),
             torch.get_num_threads())
-        return d_p_pad, d_q, d_v, None, None, None, None
+        return d_p_t.transpose(-1, -2), d_q, d_v, None, None, None, None
+
+
+def _stencil_sums(ins: list[torch.Tensor], outs: list[torch.Tensor], offsets: list[tuple], pad, threads: int) -> None:
+    """``outs[t] += sum over offsets[t] of ins[t]`` shifted (``ins`` padded by ``pad``): one kernel call."""
+    lib, suffix = load(), SUFFIX[outs[0].dtype]
+    pointers = (ctypes.c_void_p * len(ins))
+    flat = [c for tier in offsets for o in tier for c in o]
+    shape = _int32s([*outs[0].shape[:4], *pad, outs[0].shape[-1]])
+    getattr(lib, f"nl_stencil_sums_{suffix}")(
+        pointers(*(t.data_ptr() for t in ins)), pointers(*(t.data_ptr() for t in outs)),
+        _int32s(len(t) for t in offsets), _int32s(flat or [0]), len(ins), shape, threads)
+
+
+class FusedTierSums(torch.autograd.Function):
+    """:func:`~neurolattice.lattice.geometry.tier_sums` (``xp`` padded by ``pad`` -> the local,
+    functional and distant sums over ``offsets``, ``[B, *dims, C]`` each) as one C++ call: each
+    ``(z-row, offset)`` is one contiguous add of ``Z * C`` elements. The backward is the adjoint,
+    ``dL/dxp[j] = sum_t sum_{o in tier t} G_t[j - o]``: the same kernel over the gradients
+    zero-padded by ``2 pad``, with the offsets negated, all three tiers into one output."""
+
+    @staticmethod
+    def forward(ctx, xp, offsets, pad, dims):
+        xp = xp.contiguous()
+        outs = [xp.new_zeros(xp.shape[0], *dims, xp.shape[-1]) for _ in offsets]
+        _stencil_sums([xp] * len(offsets), outs, offsets, pad, torch.get_num_threads())
+        ctx.offsets, ctx.pad, ctx.padded_shape = offsets, pad, xp.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        px, py, pz = ctx.pad
+        padded = [torch.nn.functional.pad(g.contiguous(), (0, 0, 2 * pz, 2 * pz, 2 * py, 2 * py, 2 * px, 2 * px))
+                  for g in grads]
+        d_xp = padded[0].new_zeros(ctx.padded_shape)
+        negated = [[(-dx, -dy, -dz) for dx, dy, dz in tier] for tier in ctx.offsets]
+        _stencil_sums(padded, [d_xp] * len(padded), negated, ctx.pad, torch.get_num_threads())
+        return d_xp, None, None, None
