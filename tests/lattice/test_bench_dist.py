@@ -29,7 +29,7 @@ def test_cli_bench_dist_rows_and_halo_bytes(tmp_path):
         assert 0 < row["ms_exchange"] < row["ms_per_step"]
         assert row["ms_compute"] == row["ms_per_step"] - row["ms_exchange"]
         assert row["scaling_efficiency"] > 0 and (p > 1 or row["scaling_efficiency"] == 1)
-        assert row["oversubscribed"] is False and row["peak_mem_bytes"] > 0
+        assert row["oversubscribed"] is False and row["cell_steps_per_s"] > 0
 
 
 def test_a_lattice_too_thin_for_the_processes_is_one_line(capsys):

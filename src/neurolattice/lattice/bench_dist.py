@@ -29,8 +29,10 @@ parameters). Every rank waits at a barrier, then times one call; after one warm-
   between neighbouring ranks (``P - 1`` of them, open faces), twice for ``forward+backward``;
 - ``scaling_efficiency``: ``t_1 / (P t_P)`` for strong scaling, ``t_1 / t_P`` for weak (1 is
   ideal), ``t_1`` the one-process row of the same pass (None when ``--processes`` lacks 1);
-- ``cell_steps_per_s = B X Y Z * 1000 / ms_per_step`` over the whole lattice;
-- ``peak_mem_bytes``: rank 0's peak resident memory (the harness's measure).
+- ``cell_steps_per_s = B X Y Z * 1000 / ms_per_step`` over the whole lattice.
+
+No memory column: the profiler's own buffers would dominate the peak resident memory of a
+launch of several ranks (``lattice bench`` and ``bench-train`` measure the step's memory).
 
 JSON (``--json``): a list of rows with exactly the keys of :data:`ROW_KEYS`; the machine header
 beside it (:func:`~neurolattice.bench.report.machine_path`).
@@ -61,7 +63,7 @@ MODES = ("strong", "weak")
 PASSES = ("forward", "forward+backward")
 ROW_KEYS = ("mode", "processes", "threads_per_process", "oversubscribed", "dims", "slab_planes", "halo", "pass",
             "ms_per_step", "ms_exchange", "ms_compute", "comm_fraction", "halo_bytes", "scaling_efficiency",
-            "cell_steps_per_s", "peak_mem_bytes", "status")
+            "cell_steps_per_s", "status")
 TIMEOUT_S = 900   # one launch; a hung process group is killed whole after it
 
 
@@ -161,7 +163,6 @@ class LatticeDistBench(Benchmark):
         Column("comm_fraction", "comm", 5, lambda v: f"{v:.0%}"),
         Column("halo_bytes", "halo/step", 9, format_bytes),
         Column("scaling_efficiency", "efficiency", 10, lambda v: f"{v:.2f}"),
-        Column("peak_mem_bytes", "peak mem", 9, format_bytes),
         Column("status", "status", 6, align="<"),
     ])
 
@@ -239,8 +240,7 @@ class LatticeDistBench(Benchmark):
             yield make_row(ROW_KEYS, **common, **{"pass": name}, ms_per_step=ms, ms_exchange=fig["ms_exchange"],
                            ms_compute=ms - fig["ms_exchange"], comm_fraction=fig["ms_exchange"] / ms,
                            halo_bytes=fig["halo_bytes"], scaling_efficiency=efficiency,
-                           cell_steps_per_s=config.num_cells * batch * 1000.0 / ms,
-                           peak_mem_bytes=result["peak_mem_bytes"], status="ok")
+                           cell_steps_per_s=config.num_cells * batch * 1000.0 / ms, status="ok")
 
     def count(self, args: argparse.Namespace) -> int:
         return len(PASSES) * len(args.modes) * len(args.processes)
