@@ -34,6 +34,7 @@ SYSTEMS: dict[str, tuple[str, dict[str, str]]] = {
         "train": "neurolattice.lattice.commands:Train", "eval": "neurolattice.lattice.commands:Eval",
         "show": "neurolattice.lattice.commands:Show", "bench": "neurolattice.lattice.bench:COMMAND",
         "bench-train": "neurolattice.lattice.bench_train:COMMAND",
+        "bench-dist": "neurolattice.lattice.bench_dist:COMMAND",
     }),
     "lm": ("a small decoder LM trained data-parallel", {
         "train": "neurolattice.lm.commands:Train", "eval": "neurolattice.lm.commands:Eval",

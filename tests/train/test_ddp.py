@@ -41,8 +41,15 @@ def free_port() -> int:
 def launch(nproc: int, jobs: list[dict] | dict, killed: bool = False, worker: Path = WORKER) -> None:
     """Run ``worker``'s ``jobs`` (JSON, its one argument) under ``torchrun`` on ``nproc`` CPU ranks;
     fail with its output if it fails, or, with ``killed``, unless it fails (its workers killed themselves)."""
+    torchrun(nproc, [str(worker), json.dumps(jobs)], killed)
+
+
+def torchrun(nproc: int, argv: list[str], killed: bool = False) -> str:
+    """``torchrun ... ARGV`` (a script and its arguments, or ``-m module ...``) on ``nproc`` CPU
+    ranks, one torch thread each; its output (stdout and stderr), or a test failure showing it if
+    it fails (with ``killed``: unless it fails)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(worker), json.dumps(jobs)]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *argv]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -55,6 +62,7 @@ def launch(nproc: int, jobs: list[dict] | dict, killed: bool = False, worker: Pa
         pytest.fail(f"torchrun x{nproc} did not finish in {TIMEOUT_S} s; its output:\n{output[-12000:]}")
     if (proc.returncode != 0) != killed:
         pytest.fail(f"torchrun x{nproc} exited with {proc.returncode}; its output:\n{output[-12000:]}")
+    return output
 
 
 @pytest.fixture(scope="module")

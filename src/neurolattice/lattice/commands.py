@@ -13,11 +13,12 @@ import torch
 
 from neurolattice import cmdline, device
 from neurolattice.config import sections_help
-from neurolattice.train import TrainConfig, options, resolve_checkpoint
+from neurolattice.train import TrainConfig, distributed, options, resolve_checkpoint
 
 from . import experiment
 from .config import LatticeConfig
 from .model import LatticeModel, LatticeModelConfig
+from .shard import halo_width, slab_bounds
 from .tasks import scale_warning
 
 
@@ -45,28 +46,55 @@ class Train:
         source.add_argument("--data", metavar="FILE.npz", help="a .npz file with arrays x and y")
         parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [model], [lattice], [train]")
         options.add_run_arguments(parser, "runs/lattice")
+        parser.add_argument("--shards", type=int, default=1, metavar="N",
+                            help="split the lattice along x over the N processes that torchrun started "
+                                 "(torchrun --nproc_per_node N -m neurolattice.cli lattice train --shards N); "
+                                 "default 1: one process")
         cmdline.add_json_argument(parser)
         parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
 
     @staticmethod
     def check(args: argparse.Namespace) -> experiment.Experiment:
+        """Also, on every rank before any joins the group: ``--shards`` equal to the processes
+        torchrun started, and a lattice that splits into that many slabs."""
         options.check_run_arguments(args)
-        return experiment.build_experiment(args.data, args.config, args.overrides)
+        launched = distributed.launched_world_size()
+        if args.shards != launched:
+            raise ValueError(f"--shards {args.shards} must equal the processes torchrun started, {launched}: "
+                             f"torchrun --nproc_per_node N -m neurolattice.cli lattice train --shards N")
+        exp = experiment.build_experiment(args.data, args.config, args.overrides)
+        slab_bounds(exp.model.lattice, args.shards)
+        return exp
 
     @staticmethod
     def run(args: argparse.Namespace, exp: experiment.Experiment) -> int:
-        warning = scale_warning(exp.data)
-        if warning:
-            print(warning, file=sys.stderr)
-        with options.run_folder(args.out, args.resume):
-            result, reached = experiment.train(exp, args.out, resume=args.resume, deadline=options.deadline(args),
-                                               device=device.use(args))
+        with distributed.init_from_env(device.setup(args).type) as here:
+            main = distributed.is_main()
+            if main:
+                _say_where(exp, here, args.shards)
+            with options.main_holds(args.out, args.resume):
+                result, reached = experiment.train(exp, args.out, resume=args.resume, deadline=options.deadline(args),
+                                                   device=here, sharded=args.shards > 1)
+        if not main:
+            return 0
         if reached < exp.train.steps:
             print(f"stopped at step {reached} of {exp.train.steps}: --max-minutes {args.max_minutes} ran out")
         _report(exp, result, args.json)
         print(f"checkpoint: {resolve_checkpoint(args.out)}   (T = 0 baseline: {Path(args.out) / 'T0'})")
         print(f"plots: neurolattice lattice show {args.out}")
         return 0
+
+
+def _say_where(exp: experiment.Experiment, here: torch.device, shards: int) -> None:
+    """The scale warning (if any), the device and, for a split lattice, its slabs."""
+    warning = scale_warning(exp.data)
+    if warning:
+        print(warning, file=sys.stderr)
+    print(f"device: {device.describe(here)}", flush=True)
+    if shards > 1:
+        slabs = ", ".join(f"{x0}:{x1}" for x0, x1 in slab_bounds(exp.model.lattice, shards))
+        print(f"lattice split over {shards} ranks: x = {slabs} (halo {halo_width(exp.model.lattice)} planes)",
+              flush=True)
 
 
 class _OnRun(cmdline.OnRun):

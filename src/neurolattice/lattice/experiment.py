@@ -18,10 +18,19 @@ from tqdm import tqdm
 from neurolattice.cmdline import percent
 from neurolattice.config import layered_config
 from neurolattice.data import Dataset, baselines, load_digits, load_npz, primary_metric
-from neurolattice.train import SavedRun, TrainConfig, Trainer, load_checkpoint, read_run_config, seed_everything
+from neurolattice.train import (
+    SavedRun,
+    TrainConfig,
+    Trainer,
+    distributed,
+    load_checkpoint,
+    read_run_config,
+    seed_everything,
+)
 
 from .config import LatticeConfig
 from .model import LatticeModel, LatticeModelConfig
+from .shard import ShardedLatticeModel
 from .tasks import LatticeTask, held_out
 
 SECTIONS = ("model", "lattice", "train")
@@ -75,16 +84,21 @@ def _run_config(exp: Experiment, model: LatticeModelConfig) -> dict[str, Any]:
 
 
 def train(exp: Experiment, out: str | Path, resume: bool = False, progress: bool = True,
-          deadline: float | None = None, device: str | torch.device = "cpu") -> tuple[dict[str, Any], int]:
+          deadline: float | None = None, device: str | torch.device = "cpu",
+          sharded: bool = False) -> tuple[dict[str, Any] | None, int]:
     """Train the model and its ``T = 0`` baseline on ``device`` into ``out`` (``resume``: continue
     each from its checkpoint there); with ``deadline`` (a ``time.monotonic()`` time) each stops,
-    with a checkpoint, at its first logging step past it. Returns :func:`summarize`'s result and
-    the optimizer steps the model (not the baseline) has reached."""
+    with a checkpoint, at its first logging step past it. ``sharded``: both lattices split over
+    every rank of the process group (:class:`~.shard.ShardedLatticeModel`; every rank calls this,
+    the main process writes, and the checkpoints are those of the plain model). Returns
+    :func:`summarize`'s result (None on the other ranks, which only take part in the held-out
+    passes) and the optimizer steps the model (not the baseline) has reached."""
     out = Path(out)
+    build = ShardedLatticeModel if sharded else LatticeModel
     models, reached = [], []
     for model_cfg, run_dir in ((exp.model, out), (dataclasses.replace(exp.model, steps=0), out / "T0")):
         seed_everything(exp.train.seed)
-        model = LatticeModel(model_cfg).to(device)
+        model = build(model_cfg).to(device)
         trainer = Trainer(model, LatticeTask(exp.data), exp.train, out_dir=run_dir,
                           model_config=_run_config(exp, model_cfg), name=f"train T = {model_cfg.steps}")
         if resume and (run_dir / "latest").exists():
@@ -92,7 +106,8 @@ def train(exp: Experiment, out: str | Path, resume: bool = False, progress: bool
         trainer.fit(progress=progress, deadline=deadline)
         models.append(model.eval())
         reached.append(trainer.step)
-    return summarize(exp.data, *models), reached[0]
+    result = summarize(exp.data, *models, fit_baselines=distributed.is_main())
+    return result if distributed.is_main() else None, reached[0]
 
 
 @dataclass
@@ -134,17 +149,18 @@ def load_run(path: str | Path) -> LatticeRun:
 
 
 def summarize(data: Dataset, model: LatticeModel, baseline: LatticeModel | None,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, fit_baselines: bool = True) -> dict[str, Any]:
     """Held-out figures: the model's (``accuracy`` and ``ci95``, or ``mse`` and ``r2``), the
-    ``T = 0`` baseline's primary metric (``accuracy_T0`` / ``r2_T0``) and scikit-learn's.
+    ``T = 0`` baseline's primary metric (``accuracy_T0`` / ``r2_T0``) and scikit-learn's
+    (``fit_baselines=False``: not fitted, ``baselines`` is None).
     ``progress``: a bar over the held-out batches of each model, a line before the baselines."""
     result: dict[str, Any] = held_out(model, data, progress=progress and f"held-out T = {model.config.steps}")
     key = primary_metric(data.task)
     result[f"{key}_T0"] = None if baseline is None else held_out(
         baseline, data, progress=progress and "held-out T = 0")[key]
-    if progress:
+    if progress and fit_baselines:
         print(f"fitting the scikit-learn baselines on {len(data.y_train)} training samples", flush=True)
-    result["baselines"] = baselines(data)
+    result["baselines"] = baselines(data) if fit_baselines else None
     result["test_samples"] = len(data.y_test)
     return result
 

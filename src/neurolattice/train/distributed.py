@@ -51,6 +51,12 @@ def init_from_env(device: str | None = None) -> Iterator[torch.device]:
         dist.destroy_process_group()
 
 
+def launched_world_size() -> int:
+    """How many processes ``torchrun`` started (``WORLD_SIZE``; 1 in a plain process): readable
+    before the group is joined, e.g. to check a command's options on every rank first."""
+    return int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+
+
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -60,6 +60,14 @@ def run_folder(out: str, resume: bool | None) -> Iterator[None]:
         yield
 
 
+def main_holds(out: str, resume: bool | None) -> contextlib.AbstractContextManager:
+    """:func:`run_folder` on the main process, nothing on the others: under ``torchrun`` rank 0
+    alone locks, repairs and writes ``out``. The others reach the run's files only after the
+    first collective of building the model (DDP's broadcast, a sharded lattice's assembly),
+    which rank 0 enters after the repair."""
+    return run_folder(out, resume) if distributed.is_main() else contextlib.nullcontext()
+
+
 def check_out(out: str, resume: bool | None = False) -> None:
     """One-line ``ValueError`` unless ``--out`` is free for a new run (``resume`` False), holds one
     to continue (True); None: the command cannot resume, so it says only "choose another"."""
@@ -102,7 +110,7 @@ def _train(args: argparse.Namespace, build: Callable[[], nn.Module], task: Task,
            model_config: dict[str, Any], records: dict[str, Any], here: torch.device) -> dict[str, float] | None:
     stop_at = deadline(args)
     out = Path(args.out)
-    with run_folder(args.out, args.resume) if distributed.is_main() else contextlib.nullcontext():
+    with main_holds(args.out, args.resume):
         seed_everything(train.seed)
         trainer = Trainer(build().to(here), task, train, out_dir=out, model_config=model_config)
         if args.resume:
