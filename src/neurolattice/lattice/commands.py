@@ -78,7 +78,7 @@ class Train:
         if not main:
             return 0
         if reached < exp.train.steps:
-            print(f"stopped at step {reached} of {exp.train.steps}: --max-minutes {args.max_minutes} ran out")
+            print(options.stopped(args, reached, exp.train.steps))
         _report(exp, result, args.json)
         print(f"checkpoint: {resolve_checkpoint(args.out)}   (T = 0 baseline: {Path(args.out) / 'T0'})")
         print(f"plots: neurolattice lattice show {args.out}")

@@ -70,8 +70,8 @@ class Train:
             fitting, seconds = task.train(exp, args.out, args.resume, options.deadline(args), report, where)
         ckpt = resolve_checkpoint(args.out)
         if not fitting.finished:
-            print(f"stopped at step {fitting.step} of {fitting.steps}: --max-minutes {args.max_minutes} ran out; "
-                  f"saved {ckpt}; run the same command with --resume to continue")
+            print(f"{options.stopped(args, fitting.step, fitting.steps)}; saved {ckpt}; run the same command with "
+                  "--resume to continue")
             return 0
         result = fitting.result()
         figures = {**task.held_out_figures(result.net, data), "validation_accuracy": result.validation_accuracy,

@@ -84,6 +84,11 @@ def deadline(args: argparse.Namespace) -> float | None:
     return None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
 
 
+def stopped(args: argparse.Namespace, step: int, steps: int) -> str:
+    """What a ``train`` stopped by ``--max-minutes`` says: where it stopped."""
+    return f"stopped at step {step} of {steps}: --max-minutes {args.max_minutes} ran out"
+
+
 def train_run(args: argparse.Namespace, build: Callable[[], nn.Module], task: Task, train: TrainConfig,
               model_config: dict[str, Any], records: dict[str, Any] | None = None) -> dict[str, float] | None:
     """Train the model ``build()`` makes (after seeding with ``train.seed``) on ``task`` into
@@ -122,7 +127,7 @@ def _train(args: argparse.Namespace, build: Callable[[], nn.Module], task: Task,
     if not distributed.is_main():
         return None
     if trainer.step < train.steps:
-        print(f"stopped at step {trainer.step} of {train.steps}: --max-minutes {args.max_minutes} ran out")
+        print(stopped(args, trainer.step, train.steps))
     return record
 
 

@@ -390,7 +390,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, dynamic_ncols=True,
                    disable=not (progress and distributed.is_main()))
         clock, last = time.perf_counter(), {}
-        with deferred_interrupt() as interrupted:
+        with deferred_interrupt() as interrupted, contextlib.closing(bar), self._events_closed():
             while self.step < end:
                 lr = self.optimizer.param_groups[0]["lr"]
                 out = self.train_step()
@@ -422,11 +422,7 @@ class Trainer:
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end or stop:
                     self.save()
                 if stop:
-                    bar.close()
-                    self._close_events()
                     raise Interrupted(self.step, cfg.steps, self._checkpoint_path())
-        bar.close()
-        self._close_events()
         return last
 
     def _reset_sums(self) -> None:
@@ -440,7 +436,8 @@ class Trainer:
         return value if self._data_world == 1 else distributed.all_reduce_sum(value)
 
     def _any(self, flag: bool) -> bool:
-        """``flag`` of any rank (one all-reduce per call on several ranks, none alone)."""
+        """``flag`` of any rank (one all-reduce per call on several ranks, none alone): every rank
+        decides the same, e.g. to stop where rank 0's clock or a rank's Ctrl-C says."""
         if distributed.world_size() == 1:
             return flag
         return bool(distributed.all_reduce_sum(torch.tensor(int(flag), device=self.device)).item())
@@ -448,14 +445,18 @@ class Trainer:
     def _checkpoint_path(self) -> Path | None:
         return None if self.out_dir is None else self.out_dir / f"step-{self.step:08d}"
 
-    def _close_events(self) -> None:
-        if self._events is not None:
-            self._events.close()
-            self._events = None
+    @contextlib.contextmanager
+    def _events_closed(self) -> Iterator[None]:
+        """Close the TensorBoard writer (if a log opened it) when training stops, however."""
+        try:
+            yield
+        finally:
+            if self._events is not None:
+                self._events.close()
+                self._events = None
 
     def _past(self, deadline: float) -> bool:
-        late = torch.tensor(int(distributed.is_main() and time.monotonic() >= deadline), device=self.device)
-        return bool(distributed.all_reduce_sum(late).item())
+        return self._any(distributed.is_main() and time.monotonic() >= deadline)
 
     def _log(self, record: dict[str, float]) -> None:
         if self.out_dir is not None and distributed.is_main():
