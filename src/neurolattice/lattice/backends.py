@@ -49,6 +49,7 @@ class Kernels:
 
     aggregate: Aggregate
     tier_sums: Callable[..., list] = tier_sums
+    z_major: bool = False     # aggregate reads P and Q stored [.., H, Z] per z-row (transposed views)
 
 
 def _cpp() -> Kernels:
@@ -64,7 +65,7 @@ def _cpp() -> Kernels:
     def sums(xp, geometry: LatticeGeometry, dims=None):
         return list(cpu_functional.FusedTierSums.apply(xp, geometry.offsets, geometry.pad, dims or geometry.dims))
 
-    return Kernels(aggregate, sums)
+    return Kernels(aggregate, sums, z_major=True)
 
 
 def _triton() -> Kernels:

@@ -8,8 +8,6 @@ ones) and keeps the parameter names of docs/lattice.md and ``nn.Linear`` orienta
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,18 +62,30 @@ class FunctionalExpert(nn.Module):
         self.upd1 = nn.Linear(2 * state_size, hidden)
         self.upd2 = nn.Linear(hidden, state_size)
 
-    def forward(self, x: torch.Tensor, xp: torch.Tensor, offsets: tuple, pad: tuple[int, int, int],
+    def project(self, xp: torch.Tensor, z_major: bool) -> torch.Tensor:
+        """``P = M_1^a x`` of the padded states ``xp [B, X', Y', Z', S] -> [B, X', Y', Z', H]``,
+        computed once per step for every block; ``z_major``: stored ``[.., H, Z']`` per z-row
+        (a transposed view; what the ``cpp`` kernel reads), by the matmul itself."""
+        w1a = self.msg1.weight[:, :xp.shape[-1]]                # (H, S)
+        if z_major:
+            return torch.matmul(w1a, xp.transpose(-1, -2)).transpose(-1, -2)
+        return xp @ w1a.t()
+
+    def forward(self, x: torch.Tensor, p_pad: torch.Tensor, offsets: tuple, reach: tuple[int, int, int],
                 score_bias: torch.Tensor | None, has_functional: torch.Tensor,
-                chunk_elems: int, aggregate: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """``x [B, X, Y, Z, S]``; ``xp`` the same states padded by ``pad`` (zeros or wrapped),
-        ``score_bias`` the matching padded mask, ``aggregate`` :class:`FunctionalAggregate`'s
-        function as one backend computes it (:mod:`.backends`)."""
+                chunk_elems: int, kernels) -> torch.Tensor:
+        """``x [B, X, Y, Z, S]``; ``p_pad`` :meth:`project` of the same states padded by ``reach``
+        (the functional offsets' largest ``|d|`` per axis; zeros or wrapped), ``score_bias`` the
+        matching padded mask, ``kernels`` a backend's :class:`~neurolattice.lattice.backends.Kernels`
+        (its ``aggregate`` computes :class:`FunctionalAggregate`'s function)."""
         S = x.shape[-1]
         w1 = self.msg1.weight                                   # (H, 2S)
-        p_pad = xp @ w1[:, :S].t()                              # (B, X', Y', Z', H), padded as xp
-        q = F.linear(x, w1[:, S:], self.msg1.bias)              # (B, X, Y, Z, H)
+        if kernels.z_major:   # as p_pad: stored [.., H, Z] per z-row
+            q = (torch.matmul(w1[:, S:], x.transpose(-1, -2)) + self.msg1.bias[:, None]).transpose(-1, -2)
+        else:
+            q = F.linear(x, w1[:, S:], self.msg1.bias)          # (B, X, Y, Z, H)
         v = self.msg2.weight.t() @ self.attn.weight[0, :S]      # (H,)
-        hagg = aggregate(p_pad, q, v, score_bias, offsets, pad, chunk_elems)
+        hagg = kernels.aggregate(p_pad, q, v, score_bias, offsets, reach, chunk_elems)
         agg = self.msg2(hagg)                                   # (B, X, Y, Z, S)
         out = self.upd2(F.gelu(self.upd1(torch.cat([x, agg], dim=-1))))
         return out * has_functional.unsqueeze(-1)

@@ -72,6 +72,9 @@ class LatticeMoE(nn.Module):
             inside = pad_lattice(ones, self.geometry.pad, "open") > 0         # (1, X', Y', Z', 1)
             bias = torch.zeros(inside.shape).masked_fill(~inside, float("-inf"))
         self.register_buffer("functional_bias", bias, persistent=False)
+        # the functional offsets' largest |d| per axis: how far P is padded
+        self.functional_reach = tuple(max((abs(o[a]) for o in self.geometry.offsets[1]), default=0)
+                                      for a in range(3))
 
     def forward(self, states: torch.Tensor, return_gates: bool = False, validate: bool = True):
         """New states ``[B, X, Y, Z, S]``; with ``return_gates``, also the gate weights
@@ -80,9 +83,15 @@ class LatticeMoE(nn.Module):
         if validate:
             self.check_states(states)
         B, X, Y, Z, S = states.shape
+        kernels = self.kernels(states.device)
         xp = self.pad_states(states)                                             # (B, X', Y', Z', S)
-        slab = min(X, max(1, self.block_elems // (B * Y * Z * S), 2 * self.geometry.pad[0]))
-        blocks = [self._block(xp, x0, min(X, x0 + slab)) for x0 in range(0, X, slab)]
+        # P of the functional tier once for every block, on the padding that tier reaches
+        trim = (slice(None), *(slice(p - r, xp.shape[a + 1] - (p - r))
+                               for a, (p, r) in enumerate(zip(self.geometry.pad, self.functional_reach))))
+        p_pad = self.functional.project(xp[trim], kernels.z_major)              # (B, X+2rx, Y+2ry, Z+2rz, H)
+        bias = None if self.functional_bias is None else self.functional_bias[trim]
+        slab = min(X, max(1, self.block_elems // (B * Y * Z * S)))
+        blocks = [self._block(xp, p_pad, bias, kernels, x0, min(X, x0 + slab)) for x0 in range(0, X, slab)]
         new_states, gates = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in zip(*blocks))
         return (new_states, gates) if return_gates else new_states
 
@@ -91,25 +100,26 @@ class LatticeMoE(nn.Module):
         (:mod:`.shard`) pads x with its neighbours' planes instead."""
         return pad_lattice(states, self.geometry.pad, self.config.boundary)
 
-    def _block(self, xp: torch.Tensor, x0: int, x1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """New states and gate weights of the cells ``x0 <= x < x1``, from the padded ``xp``."""
+    def _block(self, xp: torch.Tensor, p_pad: torch.Tensor, bias: torch.Tensor | None, kernels,
+               x0: int, x1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """New states and gate weights of the cells ``x0 <= x < x1``, from the padded ``xp`` and
+        the functional tier's ``p_pad`` and score ``bias`` (padded by :attr:`functional_reach`)."""
         geometry = self.geometry
-        pad, px = geometry.pad, geometry.pad[0]
+        pad, px, rx = geometry.pad, geometry.pad[0], self.functional_reach[0]
         dims = (x1 - x0, *geometry.dims[1:])
         xb = xp[:, x0: x1 + 2 * px]                                             # block and its halo
-        x = shifted(xb, pad, (0, 0, 0), dims)                                   # (B, sx, Y, Z, S)
+        x = shifted(xb, pad, (0, 0, 0), dims).contiguous()                      # (B, sx, Y, Z, S)
         counts = self.counts[x0:x1]                                             # (sx, Y, Z, 3)
         has_tier = counts > 0
-        kernels = self.kernels(x.device)
         sum_local, sum_functional, sum_distant = kernels.tier_sums(xb, geometry, dims)
         mean_local = sum_local / counts[..., 0:1].clamp_min(1)
         mean_distant = sum_distant / counts[..., 2:3].clamp_min(1)
         mean_all = (sum_local + sum_functional + sum_distant) / counts.sum(-1, keepdim=True).clamp_min(1)
 
-        bias = None if self.functional_bias is None else self.functional_bias[:, x0: x1 + 2 * px]
         o_local = self.local(x, mean_local)
-        o_functional = self.functional(x, xb, geometry.offsets[1], pad, bias, has_tier[..., 1],
-                                       self.chunk_elems, kernels.aggregate)
+        o_functional = self.functional(x, p_pad[:, x0: x1 + 2 * rx], geometry.offsets[1], self.functional_reach,
+                                       None if bias is None else bias[:, x0: x1 + 2 * rx], has_tier[..., 1],
+                                       self.chunk_elems, kernels)
         o_distant = self.distant(x, mean_distant) * has_tier[..., 2:3]
         g = self.gate(x, mean_all, has_tier)                                    # (B, sx, Y, Z, 3)
         mixed = g[..., 0:1] * o_local + g[..., 1:2] * o_functional + g[..., 2:3] * o_distant

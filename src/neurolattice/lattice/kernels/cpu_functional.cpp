@@ -7,7 +7,7 @@
 // z-row, so lane c of row e is one contiguous load; the score v . h is W fused multiply-adds
 // into one vector (no horizontal sum), and the online softmax's max, exp and rescale run on W
 // cells at once. A run's running max m, denominator d and weighted sum acc (H vectors) stay
-// in L1; no [N, H] temporary exists per offset. Work items are (batch, x-plane) pairs, handed
+// in L1; no [N, H] temporary exists per offset. Work items are z-rows (batch, x, y), handed
 // out to threads by an atomic counter. The backward recomputes h from P, Q, v and the saved
 // m and d; its scatter into dP touches planes x - px .. x + px only, so the items run in
 // 2 px + 1 phases of planes that far apart and never write the same cell at once.
@@ -166,11 +166,12 @@ void forward(const T* p_t, const T* q_t, const T* v, const T* bias, const int32_
     using V = typename Math<T>::V;
     const int H = sh.H, Z = sh.Z, Zp = sh.Zp();
     const T inf = std::numeric_limits<T>::infinity();
-    parallel_items(static_cast<int64_t>(sh.B) * sh.X, threads, [&](int64_t item) {
-        const int b = static_cast<int>(item / sh.X), x = static_cast<int>(item % sh.X);
+    parallel_items(static_cast<int64_t>(sh.B) * sh.X * sh.Y, threads, [&](int64_t item) {
+        const int b = static_cast<int>(item / (static_cast<int64_t>(sh.X) * sh.Y));
+        const int x = static_cast<int>(item / sh.Y % sh.X), y = static_cast<int>(item % sh.Y);
         std::vector<V> buf(3 * H);
         V *acc = buf.data(), *h = acc + H, *q = h + H;      // per e: the run's acc, h and Q
-        for (int y = 0; y < sh.Y; ++y) {
+        {
             const T* q_row = q_t + sh.row(b, x, y) * H * Z;
             for (int z0 = 0; z0 < Z; z0 += run) {
                 const auto [start, n, skip] = run_at(z0, run, Z);
@@ -301,7 +302,7 @@ void backward(const T* p_t, const T* q_t, const T* v, const T* bias, const int32
 // (px, py, pz). An offset moves a z-row of Z cells by one constant distance in memory, so a
 // z-row of the output is a sum of K contiguous spans of Z * C elements: it is summed in blocks
 // of 4 vector registers, each block loading its span from every offset's row (the ~70 rows
-// one output row reads stay in L2) and storing once. Items are (batch, x-plane) pairs; tiers
+// one output row reads stay in L2) and storing once. Items are z-rows (batch, x, y); tiers
 // that write one output (the adjoint) are walked in turn by the item that owns the row.
 template <typename T>
 void stencil_sums(const T* const* ins, T* const* outs, const int32_t* counts, const int32_t* offsets, int tiers,
@@ -317,9 +318,10 @@ void stencil_sums(const T* const* ins, T* const* outs, const int32_t* counts, co
             delta.push_back((static_cast<int64_t>(offsets[3 * k]) * Yp + offsets[3 * k + 1]) * Zp * C
                             + static_cast<int64_t>(offsets[3 * k + 2]) * C);
     const int64_t span = static_cast<int64_t>(Z) * C;
-    parallel_items(static_cast<int64_t>(B) * X, threads, [&](int64_t item) {
-        const int b = static_cast<int>(item / X), x = static_cast<int>(item % X);
-        for (int y = 0; y < Y; ++y) {
+    parallel_items(static_cast<int64_t>(B) * X * Y, threads, [&](int64_t item) {
+        const int b = static_cast<int>(item / (static_cast<int64_t>(X) * Y));
+        const int x = static_cast<int>(item / Y % X), y = static_cast<int>(item % Y);
+        {
             const int64_t centre = (((static_cast<int64_t>(b) * (X + 2 * px) + x + px) * Yp + y + py) * Zp + pz) * C;
             const int64_t row = ((static_cast<int64_t>(b) * X + x) * Y + y) * span;
             for (int t = 0, k0 = 0; t < tiers; k0 += counts[t], ++t) {
@@ -344,6 +346,66 @@ void stencil_sums(const T* const* ins, T* const* outs, const int32_t* counts, co
                     const int n = static_cast<int>(std::min<int64_t>(W, span - i));
                     V a{};
                     for (int k = k0; k < k0 + counts[t]; ++k) a += load<V>(in + delta[k] + i, n);
+                    store<V>(out + i, load<V>(out + i, n) + a, n);
+                }
+            }
+        }
+    });
+}
+
+// The adjoint of stencil_sums, written where it lands: d_in[j] = sum_t sum_{o in tier t} g_t[j - pad - o]
+// over the sources inside the B x X x Y x Z block (in is padded, the g_t are not). Items are
+// (batch, padded x-plane) pairs, each writing its own plane only; for a padded z-row, the offsets
+// of one dz whose source row (x - px - dx, y - py - dy) lies inside the block all land on the same
+// span of Z * C elements, starting at (pz + dz) * C: they are summed in registers (blocks of 4
+// vectors, as above) and added once. Nothing is read outside the block, so no padded copy of the
+// g_t is made, and work is the forward's, not that of the padded volume.
+template <typename T>
+void stencil_adjoint(const T* const* grads, T* d_in, const int32_t* counts, const int32_t* offsets, int tiers,
+                     const int32_t* shape, int threads) {
+    using V = typename Lanes<T>::V;
+    constexpr int W = Lanes<T>::W;
+    const int B = shape[0], X = shape[1], Y = shape[2], Z = shape[3], px = shape[4], py = shape[5], pz = shape[6],
+              C = shape[7];
+    const int Xp = X + 2 * px, Yp = Y + 2 * py, Zp = Z + 2 * pz;
+    struct Source { int tier, dx, dy; };
+    std::vector<std::vector<Source>> by_dz(2 * pz + 1);      // the offsets grouped by dz + pz
+    for (int t = 0, k = 0; t < tiers; ++t)
+        for (int j = 0; j < counts[t]; ++j, ++k)
+            by_dz[offsets[3 * k + 2] + pz].push_back({t, offsets[3 * k], offsets[3 * k + 1]});
+    const int64_t span = static_cast<int64_t>(Z) * C;
+    parallel_items(static_cast<int64_t>(B) * Xp, threads, [&](int64_t item) {
+        const int b = static_cast<int>(item / Xp), jx = static_cast<int>(item % Xp);
+        std::vector<const T*> rows;
+        for (int jy = 0; jy < Yp; ++jy) {
+            T* out_row = d_in + ((static_cast<int64_t>(b) * Xp + jx) * Yp + jy) * Zp * C;
+            for (int g = 0; g <= 2 * pz; ++g) {
+                rows.clear();
+                for (const Source& s : by_dz[g]) {
+                    const int x = jx - px - s.dx, y = jy - py - s.dy;
+                    if (x >= 0 && x < X && y >= 0 && y < Y)
+                        rows.push_back(grads[s.tier] + ((static_cast<int64_t>(b) * X + x) * Y + y) * span);
+                }
+                if (rows.empty()) continue;
+                T* out = out_row + static_cast<int64_t>(g) * C;    // dz = g - pz lands at z = pz + dz
+                int64_t i = 0;
+                for (; i + 4 * W <= span; i += 4 * W) {
+                    V a0{}, a1{}, a2{}, a3{};
+                    for (const T* p : rows) {
+                        a0 += load<V>(p + i, W);
+                        a1 += load<V>(p + i + W, W);
+                        a2 += load<V>(p + i + 2 * W, W);
+                        a3 += load<V>(p + i + 3 * W, W);
+                    }
+                    store<V>(out + i, load<V>(out + i, W) + a0, W);
+                    store<V>(out + i + W, load<V>(out + i + W, W) + a1, W);
+                    store<V>(out + i + 2 * W, load<V>(out + i + 2 * W, W) + a2, W);
+                    store<V>(out + i + 3 * W, load<V>(out + i + 3 * W, W) + a3, W);
+                }
+                for (; i < span; i += W) {
+                    const int n = static_cast<int>(std::min<int64_t>(W, span - i));
+                    V a{};
+                    for (const T* p : rows) a += load<V>(p + i, n);
                     store<V>(out + i, load<V>(out + i, n) + a, n);
                 }
             }
@@ -376,6 +438,11 @@ void stencil_sums(const T* const* ins, T* const* outs, const int32_t* counts, co
                                              const int32_t* offsets, int tiers, const int32_t* shape,        \
                                              int threads) {                                                  \
         stencil_sums(ins, outs, counts, offsets, tiers, shape, threads);                                     \
+    }                                                                                                        \
+    extern "C" void nl_stencil_adjoint_##SUFFIX(const T* const* grads, T* d_in, const int32_t* counts,        \
+                                                const int32_t* offsets, int tiers, const int32_t* shape,     \
+                                                int threads) {                                               \
+        stencil_adjoint(grads, d_in, counts, offsets, tiers, shape, threads);                                \
     }
 
 NL_EXPORT_SUMS(float, f32)

@@ -142,38 +142,36 @@ class FusedFunctionalAggregate(torch.autograd.Function):
         return d_p_t.transpose(-1, -2), d_q, d_v, None, None, None, None
 
 
-def _stencil_sums(ins: list[torch.Tensor], outs: list[torch.Tensor], offsets: list[tuple], pad, threads: int) -> None:
-    """``outs[t] += sum over offsets[t] of ins[t]`` shifted (``ins`` padded by ``pad``): one kernel call."""
-    lib, suffix = load(), SUFFIX[outs[0].dtype]
-    pointers = (ctypes.c_void_p * len(ins))
+def _tier_arguments(offsets: list[tuple], dims, pad, channels: int) -> tuple:
+    """The stencil kernels' description of the tiers and the block: counts, flat offsets, shape."""
     flat = [c for tier in offsets for o in tier for c in o]
-    shape = _int32s([*outs[0].shape[:4], *pad, outs[0].shape[-1]])
-    getattr(lib, f"nl_stencil_sums_{suffix}")(
-        pointers(*(t.data_ptr() for t in ins)), pointers(*(t.data_ptr() for t in outs)),
-        _int32s(len(t) for t in offsets), _int32s(flat or [0]), len(ins), shape, threads)
+    return (_int32s(len(t) for t in offsets), _int32s(flat or [0]), len(offsets),
+            _int32s([*dims, *pad, channels]))
 
 
 class FusedTierSums(torch.autograd.Function):
     """:func:`~neurolattice.lattice.geometry.tier_sums` (``xp`` padded by ``pad`` -> the local,
     functional and distant sums over ``offsets``, ``[B, *dims, C]`` each) as one C++ call: each
     ``(z-row, offset)`` is one contiguous add of ``Z * C`` elements. The backward is the adjoint,
-    ``dL/dxp[j] = sum_t sum_{o in tier t} G_t[j - o]``: the same kernel over the gradients
-    zero-padded by ``2 pad``, with the offsets negated, all three tiers into one output."""
+    ``dL/dxp[j] = sum_t sum_{o in tier t} G_t[j - pad - o]`` over the sources inside the block,
+    one C++ call that writes each padded z-row once per ``dz`` (no padded copy of the ``G_t``)."""
 
     @staticmethod
     def forward(ctx, xp, offsets, pad, dims):
         xp = xp.contiguous()
         outs = [xp.new_zeros(xp.shape[0], *dims, xp.shape[-1]) for _ in offsets]
-        _stencil_sums([xp] * len(offsets), outs, offsets, pad, torch.get_num_threads())
+        pointers = ctypes.c_void_p * len(offsets)
+        getattr(load(), f"nl_stencil_sums_{SUFFIX[xp.dtype]}")(
+            pointers(*(xp.data_ptr() for _ in offsets)), pointers(*(t.data_ptr() for t in outs)),
+            *_tier_arguments(offsets, (xp.shape[0], *dims), pad, xp.shape[-1]), torch.get_num_threads())
         ctx.offsets, ctx.pad, ctx.padded_shape = offsets, pad, xp.shape
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        px, py, pz = ctx.pad
-        padded = [torch.nn.functional.pad(g.contiguous(), (0, 0, 2 * pz, 2 * pz, 2 * py, 2 * py, 2 * px, 2 * px))
-                  for g in grads]
-        d_xp = padded[0].new_zeros(ctx.padded_shape)
-        negated = [[(-dx, -dy, -dz) for dx, dy, dz in tier] for tier in ctx.offsets]
-        _stencil_sums(padded, [d_xp] * len(padded), negated, ctx.pad, torch.get_num_threads())
+        grads = [g.contiguous() for g in grads]
+        d_xp = grads[0].new_zeros(ctx.padded_shape)
+        getattr(load(), f"nl_stencil_adjoint_{SUFFIX[d_xp.dtype]}")(
+            (ctypes.c_void_p * len(grads))(*(g.data_ptr() for g in grads)), _ptr(d_xp),
+            *_tier_arguments(ctx.offsets, grads[0].shape[:4], ctx.pad, d_xp.shape[-1]), torch.get_num_threads())
         return d_xp, None, None, None
