@@ -103,4 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from neurolattice.train.distributed import exit_process
+
+    exit_process(main())

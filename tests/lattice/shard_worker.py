@@ -206,3 +206,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(json.loads(sys.argv[1])["out"]))
+    distributed.exit_process(0)

@@ -137,3 +137,4 @@ def main(jobs: list[dict]) -> None:
 
 if __name__ == "__main__":
     main(json.loads(sys.argv[1]))
+    distributed.exit_process(0)

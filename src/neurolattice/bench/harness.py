@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from neurolattice.io import atomic_write_json
+from neurolattice.train.distributed import exit_process
 
 
 def cpu_model() -> str:
@@ -224,3 +225,4 @@ def _worker(spec_path: str, result_path: str) -> None:
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:])
+    exit_process(0)

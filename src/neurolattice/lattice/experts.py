@@ -8,6 +8,7 @@ ones) and keeps the parameter names of docs/lattice.md and ``nn.Linear`` orienta
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn

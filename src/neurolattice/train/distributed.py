@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -49,6 +50,18 @@ def init_from_env(device: str | None = None) -> Iterator[torch.device]:
         yield here
     finally:
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> None:
+    """End a script with ``code``; a ``torchrun`` rank (``RANK`` set) ends at once, skipping the
+    interpreter's teardown: there gloo's threads intermittently abort a process whose group is
+    already destroyed ("terminate called without an active exception", seen with torch 2.13 and
+    2.14), which fails a launch whose work is complete. Call it only from a ``__main__``."""
+    if "RANK" not in os.environ:
+        raise SystemExit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def launched_world_size() -> int:
