@@ -13,7 +13,7 @@ PIP_ARGS ?=
 # The torch a new lock takes: the CPU build.
 LOCK_TORCH ?= torch==2.13.0+cpu
 
-.PHONY: demo test test-all test-latest test-lowest lock bench lint clean
+.PHONY: demo test test-all test-latest test-lowest lock bench bench-gpu lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,15 @@ bench: $(VENV)/.installed-dev
 	$(VENV)/bin/neurolattice lm bench
 	$(VENV)/bin/neurolattice bem bench
 	$(VENV)/bin/neurolattice neurograph bench
+
+# On a GPU machine whose image already has torch, triton, transformers, peft and pytest (nothing is
+# installed from a registry): the CUDA tests, then the lattice step per backend on the GPU. ~5 min.
+GPU_PY ?= python3
+bench-gpu:
+	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_PY) -m pytest -q -p no:cacheprovider tests/lattice/test_cuda.py
+	$(GPU_PY) -m neurolattice.cli lattice bench --device cuda --sizes 30 50 100 --methods torch triton \
+		--json results/lattice_bench_cuda.json
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests
