@@ -115,16 +115,18 @@ class DistantExpert(nn.Module):
     def forward(self, x: torch.Tensor, mean_distant: torch.Tensor) -> torch.Tensor:
         S = x.shape[-1]
         w1 = self.fc1.weight
-        drive = F.linear(mean_distant, w1[:, S:], self.fc1.bias).reshape(-1, w1.shape[0])  # (M, H), constant in t
-        w_z = w1[:, :S].t().contiguous()                                   # (S, H)
-        w_out, b_out = self.fc2.weight.t(), self.fc2.bias
+        # tanh(a) = 2 sigmoid(2 a) - 1, the same function to rounding and ~3x faster than torch's
+        # CPU tanh (which was 15% of a 30^3 step on its own). The factors 2 ride on the weights:
+        # scaling by 2 is exact in binary, so sigmoid(2 a) and (sigmoid - 1/2) (2 D2) round
+        # exactly as 2 sigmoid(2 a) - 1 and D2 do, in two fewer passes over [M, H].
+        drive = F.linear(mean_distant, 2.0 * w1[:, S:], 2.0 * self.fc1.bias).reshape(-1, w1.shape[0])  # (M, H)
+        w_z = 2.0 * w1[:, :S].t()                                            # (S, H)
+        w_out, b_out = 2.0 * self.fc2.weight.t(), self.fc2.bias
         neg_decay = -F.softplus(self.lam)
 
         def field(z: torch.Tensor) -> torch.Tensor:                         # (M, S) -> (M, S)
-            # tanh(a) = 2 sigmoid(2 a) - 1: the same function to rounding, and ~3x faster than
-            # torch's CPU tanh (which was 15% of a 30^3 step on its own)
-            hidden = torch.sigmoid(torch.addmm(drive, z, w_z).mul_(2.0)).mul(2.0).sub_(1.0)
-            return torch.addmm(b_out, hidden, w_out).addcmul_(z, neg_decay)
+            half_tanh = torch.sigmoid(torch.addmm(drive, z, w_z)).sub(0.5)  # tanh(D1 [z ; mean] + d1) / 2
+            return torch.addmm(b_out, half_tanh, w_out).addcmul_(z, neg_decay)
 
         dt = 1.0 / self.ode_steps
         x_flat = x.reshape(-1, S)

@@ -106,8 +106,10 @@ class FusedFunctionalAggregate(torch.autograd.Function):
     """The same function, inputs and output as :class:`~neurolattice.lattice.experts.FunctionalAggregate`
     (``run_cells`` in place of its ``chunk_elems``: cells of one run, at most :func:`lanes`),
     each direction one call of the C++ kernel. ``P`` and ``Q`` go to it z-major
-    (``[B, X, Y, H, Z]``, one transposing copy each), so one vector register holds one hidden
-    unit of ``W`` consecutive cells and the online softmax runs on ``W`` cells at once."""
+    (``[B, X, Y, H, Z]``: free where they are transposed views of z-major storage, as the
+    ``cpp`` backend's :meth:`~neurolattice.lattice.experts.FunctionalExpert.project` makes them,
+    else one transposing copy each), so one vector register holds one hidden unit of ``W``
+    consecutive cells and the online softmax runs on ``W`` cells at once."""
 
     @staticmethod
     def forward(ctx, p_pad, q, v, score_bias, offsets, pad, run_cells):
