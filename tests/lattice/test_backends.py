@@ -16,7 +16,19 @@ def test_unknown_backend_is_one_line_error():
         LatticeMoE(LatticeConfig(dims=(3, 3, 3)), backend="cuda")
 
 
-def test_no_compiler_falls_back_to_torch_with_one_warning(monkeypatch, small_config):
+def test_auto_picks_cpp_where_z_rows_fill_a_vector(small_config):
+    lanes = cpu_functional.lanes(torch.float32)
+    long_rows = LatticeConfig(dims=(2, 2, lanes), state_size=3, hidden_local=2, hidden_functional=3,
+                              hidden_distant=2, hidden_gate=2)
+    assert LatticeMoE(long_rows).backend_in_use(torch.device("cpu")) == "cpp"
+    assert LatticeMoE(small_config).backend_in_use(torch.device("cpu")) == "torch"   # Z = 6 < lanes
+    assert LatticeMoE(small_config, backend="cpp").backend_in_use(torch.device("cpu")) == "cpp"
+
+
+def test_no_compiler_falls_back_to_torch_with_one_warning(monkeypatch):
+    # z-rows as long as the widest vector (16 float32 lanes), so auto would pick cpp
+    small_config = LatticeConfig(dims=(2, 2, 16), state_size=3, hidden_local=2, hidden_functional=3,
+                                 hidden_distant=2, hidden_gate=2)
     def no_compiler():
         raise cpu_functional.KernelUnavailable("no C++ compiler found ($CXX, c++, g++, clang++)")
 

@@ -9,7 +9,10 @@ A backend computes :class:`~neurolattice.lattice.experts.FunctionalAggregate`'s 
   one fused C++ kernel per direction, CPU tensors only, built on first use.
 - ``triton``: :class:`~neurolattice.lattice.kernels.triton_functional.TritonFunctionalAggregate`,
   Triton kernels for CUDA tensors (tested in Triton's CPU interpreter; no GPU has run them yet).
-- ``auto``: the fastest one available for the tensors' device (:data:`AUTO_ORDER`).
+- ``auto``: the fastest one available for the tensors' device (:data:`AUTO_ORDER`); ``cpp``
+  only where the lattice's z-rows fill a float32 vector register (``Backend.min_z``: its kernel
+  vectorises along z, so shorter rows leave lanes idle, and the torch path is faster there:
+  a 12 x 12 x 6 lattice's forward took 10.4 ms with cpp, 7.6 ms with torch, docs/lattice.md).
 
 The choice is :class:`~neurolattice.lattice.LatticeMoE`'s ``backend`` attribute (a
 constructor argument, default ``auto``), not a :class:`~neurolattice.lattice.LatticeConfig`
@@ -31,6 +34,8 @@ import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from .experts import FunctionalAggregate
 from .geometry import LatticeGeometry, tier_sums
@@ -74,15 +79,23 @@ def _triton() -> Kernels:
     return Kernels(TritonFunctionalAggregate.apply)
 
 
+def _cpp_lanes() -> int:
+    from .kernels import cpu_functional
+
+    return cpu_functional.lanes(torch.float32)
+
+
 @dataclass(frozen=True)
 class Backend:
     devices: tuple[str, ...]             # torch device types it runs on, () for any
     load: Callable[[], Kernels]          # its kernels, or an exception saying why not
+    # the shortest z-row ``auto`` gives it, where its kernel vectorises along z (None: any)
+    min_z: Callable[[], int] | None = None
 
 
 BACKENDS: dict[str, Backend] = {
     "torch": Backend((), lambda: Kernels(FunctionalAggregate.apply)),
-    "cpp": Backend(("cpu",), _cpp),
+    "cpp": Backend(("cpu",), _cpp, min_z=_cpp_lanes),
     "triton": Backend(("cuda",), _triton),
 }
 AUTO_ORDER = ("triton", "cpp", "torch")   # fastest first, among those for the tensors' device
@@ -111,12 +124,25 @@ def availability(name: str, device_type: str = "cpu") -> str:
     return _load(name)[1]
 
 
+def _suits(name: str, device_type: str, z: int | None) -> bool:
+    backend = BACKENDS[name]
+    if backend.devices and device_type not in backend.devices:
+        return False
+    if backend.min_z is None or z is None:
+        return True
+    try:
+        return z >= backend.min_z()
+    except Exception:   # it cannot load: resolve says why, once
+        return True
+
+
 @functools.cache
-def resolve(name: str, device_type: str) -> tuple[str, Kernels]:
+def resolve(name: str, device_type: str, z: int | None = None) -> tuple[str, Kernels]:
     """The backend ``name`` (for ``auto``, the first of :data:`AUTO_ORDER` made for
-    ``device_type``) and its kernels; ``torch`` with one warning if it cannot run here."""
+    ``device_type`` whose ``min_z`` the lattice's z-rows of ``z`` cells reach) and its kernels;
+    ``torch`` with one warning if it cannot run here."""
     if check_backend(name) == "auto":
-        name = next(n for n in AUTO_ORDER if device_type in BACKENDS[n].devices or not BACKENDS[n].devices)
+        name = next(n for n in AUTO_ORDER if _suits(n, device_type, z))
     why = availability(name, device_type)
     if why:
         warnings.warn(f"neurolattice: {why}; using the torch backend", stacklevel=3)

@@ -161,11 +161,11 @@ class LatticeMoE(nn.Module):
     def kernels(self, device: torch.device):
         """The :class:`~.backends.Kernels` (tier sums, the functional tier's aggregate) of
         :attr:`backend` on ``device``."""
-        return resolve(self.backend, device.type)[1]
+        return resolve(self.backend, device.type, self.config.dims[2])[1]
 
     def backend_in_use(self, device: torch.device) -> str:
         """The backend that runs on ``device`` (``auto`` resolved, a fallback applied)."""
-        return resolve(self.backend, device.type)[0]
+        return resolve(self.backend, device.type, self.config.dims[2])[0]
 
     def check_states(self, states: torch.Tensor) -> None:
         """Raise a one-line ``ValueError`` unless ``states`` is a finite ``[B, X, Y, Z, S]`` float
