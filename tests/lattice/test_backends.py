@@ -60,3 +60,14 @@ def test_backend_is_not_in_the_checkpoint(small_config):
     assert a.config == b.config and "backend" not in a.config.to_dict()
     assert a.state_dict().keys() == b.state_dict().keys()
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_block_size_follows_the_last_level_cache(tmp_path):
+    from neurolattice.lattice.step import default_block_elems, last_level_cache_bytes
+
+    for index, size in enumerate(["48K", "32K", "1024K", "32768K"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(tmp_path) == 32 << 20
+    # whatever this machine's cache, the default stays within its stated range
+    assert (1 << 18) <= default_block_elems() <= (1 << 23)

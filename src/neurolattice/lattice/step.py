@@ -21,10 +21,11 @@ from .geometry import lattice_geometry, pad_lattice, shifted, tier_sums
 DEFAULT_CHUNK_ELEMS = 1 << 18
 
 
-def last_level_cache_bytes() -> int | None:
-    """This CPU's largest cache (sysfs, else ``sysconf``), or None where neither says."""
+def last_level_cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """This CPU's largest cache (Linux's ``sysfs`` entries such as ``index3/size = 32768K``,
+    else ``sysconf``), or None where neither says."""
     sizes = []
-    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+    for path in sysfs.glob("index*/size"):
         try:
             text = path.read_text().strip().upper()
         except OSError:
