@@ -3,11 +3,14 @@ the run's files, the time budget, resume (also from a 2-rank torchrun launch), o
 
 from __future__ import annotations
 
+import bz2
 import json
+import lzma
 import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -46,10 +49,25 @@ def test_train_eval_sample(tmp_path, corpus, capsys):
     figures = tmp_path / "eval.json"
     assert main(["lm", "eval", str(out), "--json", str(figures)]) == 0
     result = json.loads(figures.read_text())
-    assert set(result) == {"bits_per_byte", "tokens"}
+    assert set(result) == {"bits_per_byte", "tokens", "heldout_bytes", "compressors"}
     assert result["tokens"] == (corpus / "model.py").stat().st_size  # bytes 2.. and end-of-document
     assert 0 < result["bits_per_byte"] < 9
-    assert f"held-out bits per byte: {result['bits_per_byte']:.4f}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"held-out bits per byte: {result['bits_per_byte']:.4f}" in printed
+    # the compressors saw exactly the held-out file's bytes, and xz also the training files first
+    held = (corpus / "model.py").read_bytes()
+    train_text = b"".join(p.read_bytes() for p in sorted(corpus.iterdir()) if p.name != "model.py")
+    assert result["heldout_bytes"] == len(held)
+    assert result["compressors"]["zlib"] == 8 * len(zlib.compress(held, 9)) / len(held)
+    assert result["compressors"]["bzip2"] == 8 * len(bz2.compress(held, 9)) / len(held)
+    xz = lzma.PRESET_EXTREME | 9
+    assert result["compressors"]["xz"] == 8 * len(lzma.compress(held, preset=xz)) / len(held)
+    given = len(lzma.compress(train_text + held, preset=xz)) - len(lzma.compress(train_text, preset=xz))
+    assert result["compressors"]["xz_given_training_text"] == 8 * given / len(held)
+    assert f"  {'xz -9e given the training text':<32} {8 * given / len(held):.4f}\n" in printed
+    assert main(["lm", "eval", str(out), "--no-compressors", "--json", str(figures)]) == 0
+    assert set(json.loads(figures.read_text())) == {"bits_per_byte", "tokens"}
+    assert "zlib" not in capsys.readouterr().out
 
     assert main(["lm", "sample", str(step), "--prompt", "def ", "--max-new-tokens", "5", "--greedy"]) == 0
     assert capsys.readouterr().out.startswith("def ")

@@ -17,6 +17,7 @@ from neurolattice import cmdline, device
 from neurolattice.config import sections_help
 from neurolattice.train import TrainConfig, options
 
+from .compress import NAMES, compressor_bits_per_byte
 from .config import PRESETS, DataConfig, LMConfig
 from .experiment import DEFAULTS, HELDOUT_FILES, Experiment, LMRun, build_experiment, load_run, run_config
 from .model import build_model, continue_prompt
@@ -63,7 +64,11 @@ class Eval(cmdline.OnRun):
 
     @classmethod
     def add_options(cls, parser: argparse.ArgumentParser) -> None:
-        cmdline.add_json_argument(parser, 'the figures {"bits_per_byte", "tokens"}')
+        parser.add_argument("--compressors", action=argparse.BooleanOptionalAction, default=True,
+                            help="also compress the same held-out bytes with zlib, bzip2 and xz, and xz given the "
+                                 "training text (default: on; ~30 s for the default corpus)")
+        cmdline.add_json_argument(parser, 'the figures {"bits_per_byte", "tokens", "heldout_bytes", '
+                                          '"compressors": {name: bits_per_byte}}')
 
     @classmethod
     def load(cls, args: argparse.Namespace) -> tuple[LMRun, LMTask]:
@@ -81,6 +86,15 @@ class Eval(cmdline.OnRun):
         result = {"bits_per_byte": bpb, "tokens": int(task.count_targets(task.data.heldout[:]))}
         print(f"held-out bits per byte: {bpb:.4f} over {result['tokens']} tokens "
               f"({len(task.data.heldout_files)} files)")
+        if args.compressors:
+            corpus = run.data.corpus()
+            heldout = b"".join(corpus.heldout_docs)
+            print("compressing the same held-out bytes (zlib, bzip2, xz; xz given the training text) ...", flush=True)
+            result["heldout_bytes"] = len(heldout)
+            result["compressors"] = compressor_bits_per_byte(heldout, b"".join(corpus.train_docs))
+            print(f"bits per byte on the {len(heldout):,} held-out bytes:")
+            for name, value in [("this LM", bpb), *((NAMES[k], v) for k, v in result["compressors"].items())]:
+                print(f"  {name:<32} {value:.4f}")
         cmdline.write_json(args.json, result)
         return 0
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from neurolattice.config import Bound, Config
 
-from .data import LMData, load_lm_data
+from .data import Corpus, LMData, load_lm_data, read_corpus
 
 # Sizes of the named presets; every other field keeps its default unless overridden.
 PRESETS: dict[str, dict[str, int]] = {
@@ -85,3 +85,7 @@ class DataConfig(Config):
 
     def load(self) -> LMData:
         return load_lm_data(self.folder, self.seq_len, self.heldout_fraction, self.seed, self.max_bytes)
+
+    def corpus(self) -> Corpus:
+        """The same split and cap as :meth:`load`, the documents unpacked."""
+        return read_corpus(self.folder, self.heldout_fraction, self.seed, self.max_bytes)

@@ -179,22 +179,40 @@ class LMData:
         return self.train.seq_len
 
 
-def load_lm_data(folder: str | Path | None = None, seq_len: int = 256, heldout_fraction: float = 0.1,
-                 seed: int = 0, max_bytes: int | None = None) -> LMData:
+@dataclass
+class Corpus:
+    """A corpus split by file and read: the documents' bytes, before packing."""
+
+    train_files: list[Path]
+    heldout_files: list[Path]
+    train_docs: list[bytes]
+    heldout_docs: list[bytes]
+
+
+def read_corpus(folder: str | Path | None = None, heldout_fraction: float = 0.1, seed: int = 0,
+                max_bytes: int | None = None) -> Corpus:
     """The text files under ``folder`` (default: :func:`default_corpus_files`), split by file
-    (:func:`split_files`), read and packed. ``max_bytes`` caps the text read: the training files
-    get ``1 - heldout_fraction`` of it, the held-out files the rest. Training rows drop the
-    short last window; held-out rows are padded so every held-out byte is scored."""
+    (:func:`split_files`) and read. ``max_bytes`` caps the text read: the training files get
+    ``1 - heldout_fraction`` of it, the held-out files the rest."""
     if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1):
         raise ValueError(f"max_bytes must be a positive integer or None, got {max_bytes!r}")
     files = default_corpus_files() if folder is None else list_text_files(folder)
     train_files, heldout_files = split_files(files, heldout_fraction, seed)
     held_cap = None if max_bytes is None else round(max_bytes * heldout_fraction)
     train_cap = None if max_bytes is None else max_bytes - held_cap
+    return Corpus(train_files, heldout_files, read_documents(train_files, train_cap),
+                  read_documents(heldout_files, held_cap))
+
+
+def load_lm_data(folder: str | Path | None = None, seq_len: int = 256, heldout_fraction: float = 0.1,
+                 seed: int = 0, max_bytes: int | None = None) -> LMData:
+    """:func:`read_corpus`, packed. Training rows drop the short last window; held-out rows are
+    padded so every held-out byte is scored."""
+    corpus = read_corpus(folder, heldout_fraction, seed, max_bytes)
     tokenizer = ByteTokenizer()
-    train = pack(read_documents(train_files, train_cap), seq_len, tokenizer)
+    train = pack(corpus.train_docs, seq_len, tokenizer)
     if len(train) == 0:
         raise ValueError(f"the training text is shorter than one sequence of seq_len + 1 = {seq_len + 1} tokens")
-    heldout = pack(read_documents(heldout_files, held_cap), seq_len, tokenizer, pad=True)
-    return LMData(PackedDataset(train), PackedDataset(heldout), [str(f) for f in train_files],
-                  [str(f) for f in heldout_files], tokenizer)
+    heldout = pack(corpus.heldout_docs, seq_len, tokenizer, pad=True)
+    return LMData(PackedDataset(train), PackedDataset(heldout), [str(f) for f in corpus.train_files],
+                  [str(f) for f in corpus.heldout_files], tokenizer)
