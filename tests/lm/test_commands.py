@@ -14,9 +14,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neurolattice.cli import main
+from neurolattice.lm.data import ByteTokenizer
 
 from ..errors import cli_error as error
 
@@ -73,6 +75,22 @@ def test_train_eval_sample(tmp_path, corpus, capsys):
     assert capsys.readouterr().out.startswith("def ")
     assert "--max-new-tokens 300 must fit" in error(capsys, ["lm", "sample", str(out), "--prompt", "x",
                                                   "--max-new-tokens", "300"])
+
+
+def test_a_checkpoint_encodes_generates_and_decodes_in_plain_transformers(tmp_path, corpus):
+    assert train(corpus, tmp_path / "run", steps=2) == 0
+    step = tmp_path / "run" / "step-00000002"
+    tokenizer = AutoTokenizer.from_pretrained(step)
+    model = AutoModelForCausalLM.from_pretrained(step)
+    text = "def f(x):\n\treturn x  # é, €, 😀\x00"
+    ids = tokenizer(text, return_tensors="pt").input_ids            # (1, T): the UTF-8 bytes, nothing added
+    assert ids[0].tolist() == list(text.encode()) and tokenizer.decode(ids[0]) == text
+    assert tokenizer.eos_token == tokenizer.bos_token == "<eod>" and tokenizer.eos_token_id == ByteTokenizer.eod_id
+    prompt = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)   # a document starts after <eod>
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, prompt.shape[1]:]
+    assert tokenizer.decode(new, skip_special_tokens=True) == ByteTokenizer().decode(new)
 
 
 def test_time_budget_stops_with_a_checkpoint_and_resume_finishes(tmp_path, corpus, capsys):

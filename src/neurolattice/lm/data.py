@@ -39,6 +39,41 @@ class ByteTokenizer:
         """Bytes of text each id stands for, ``[vocab_size]``: 1 per byte, 0 for end-of-document."""
         return (torch.arange(self.vocab_size) < 256).long()
 
+    def to_transformers(self):
+        """The same ids as a ``transformers.PreTrainedTokenizerFast``, saved with every checkpoint
+        so that ``AutoTokenizer.from_pretrained(step_dir)`` works beside the model: a ``tokenizers``
+        byte-level BPE without merges whose token ``i`` is byte ``i`` (spelled as the byte-level
+        alphabet's character for it) and ``<eod>`` = 256, the end-of-document token, as
+        ``eos_token`` (and ``bos_token``: the LM reads a document as following one)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {char: byte for byte, char in enumerate(byte_level_alphabet())}
+        vocab[EOD_TOKEN] = self.eod_id
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOD_TOKEN, bos_token=EOD_TOKEN,
+                                       pad_token=EOD_TOKEN, clean_up_tokenization_spaces=False)
+
+
+EOD_TOKEN = "<eod>"
+
+
+def byte_level_alphabet() -> list[str]:
+    """The character byte-level BPE (GPT-2's, the ``tokenizers`` ``ByteLevel`` pre-tokenizer's)
+    writes for each byte ``0..255``: itself where it is a printable Latin-1 character other than
+    the space, else ``chr(256 + k)`` for the ``k``-th byte that is not, in byte order."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    alphabet, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet.append(chr(byte))
+        else:
+            alphabet.append(chr(256 + shifted))
+            shifted += 1
+    return alphabet
+
 
 def default_corpus_dir() -> Path:
     """The running interpreter's standard library, ``sysconfig.get_paths()["stdlib"]``."""

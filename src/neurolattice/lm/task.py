@@ -60,6 +60,7 @@ class LMTask(NextTokenTask):
                              f"vocab_size is {cfg.vocab_size}")
         self.data, self.eval_batch_size = data, eval_batch_size
         self.train_data = data.train
+        self.tokenizer = data.tokenizer.to_transformers()   # saved with every checkpoint
         self.byte_lengths = data.tokenizer.byte_lengths()
 
     def evaluate(self, model: nn.Module, progress: bool = False) -> dict[str, float]:

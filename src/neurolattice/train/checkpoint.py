@@ -91,8 +91,10 @@ def save_checkpoint(
     config: Mapping[str, Any],
     trainer_state: Mapping[str, Any] | None = None,
     keep: int | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``root/step-<step>/`` and point ``root/latest`` at it; keep the newest ``keep``.
+    A ``tokenizer`` (anything with ``save_pretrained``) is saved into the same directory.
 
     ``config`` must be JSON-ready (see :meth:`neurolattice.config.Config.to_dict`). Returns the
     checkpoint directory. A save that fails (a full disk, a read-only folder) is a one-line
@@ -107,6 +109,8 @@ def save_checkpoint(
     else:
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in checkpoint_tensors(model).items()}
         writes.append((WEIGHTS, lambda p: save_file(tensors, p)))
+    if tokenizer is not None:
+        writes.append(("", lambda p: tokenizer.save_pretrained(p)))
     text = json.dumps(dict(config), indent=2) + "\n"
     writes.append((CONFIG, lambda p: p.write_text(text)))
     if trainer_state is not None:

@@ -129,6 +129,9 @@ class Task(abc.ABC):
     """
 
     train_data: Any
+    # saved into every checkpoint directory beside the model (anything with ``save_pretrained``,
+    # e.g. a transformers tokenizer), or None
+    tokenizer: Any = None
 
     @abc.abstractmethod
     def count_targets(self, batch: Any) -> int | torch.Tensor:
@@ -491,7 +494,7 @@ class Trainer:
         path = None
         if distributed.is_main():
             path = save_checkpoint(self.out_dir, self.step, self.model, self.config(), state,
-                                   keep=self.cfg.keep_checkpoints)
+                                   keep=self.cfg.keep_checkpoints, tokenizer=self.task.tokenizer)
         distributed.barrier()
         self._saved_step = self.step
         return path
