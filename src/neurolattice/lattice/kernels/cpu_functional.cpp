@@ -297,18 +297,41 @@ void backward(const T* p_t, const T* q_t, const T* v, const T* bias, const int32
         for (int e = 0; e < H; ++e) d_v[e] += d_v_parts[part + e];
 }
 
-// Stencil sums (the tier sums and their adjoint): for each tier t, out_t[c] += sum over its
-// offsets o of in_t[c + pad + o], C channels per cell, out [B, X, Y, Z, C] and in padded by
-// (px, py, pz). An offset moves a z-row of Z cells by one constant distance in memory, so a
-// z-row of the output is a sum of K contiguous spans of Z * C elements: it is summed in blocks
-// of 4 vector registers, each block loading its span from every offset's row (the ~70 rows
-// one output row reads stay in L2) and storing once. Items are z-rows (batch, x, y); tiers
-// that write one output (the adjoint) are walked in turn by the item that owns the row.
+// out[i] += sum over rows r of rows[r][i], for i < span: in blocks of 4 vector registers, each
+// block loading its span from every row (the ~70 rows one output row reads stay in L2) and
+// storing once.
+template <typename T> void add_spans(T* out, const std::vector<const T*>& rows, int64_t span) {
+    using V = typename Lanes<T>::V;
+    constexpr int W = Lanes<T>::W;
+    int64_t i = 0;
+    for (; i + 4 * W <= span; i += 4 * W) {
+        V a0{}, a1{}, a2{}, a3{};
+        for (const T* p : rows) {
+            a0 += load<V>(p + i, W);
+            a1 += load<V>(p + i + W, W);
+            a2 += load<V>(p + i + 2 * W, W);
+            a3 += load<V>(p + i + 3 * W, W);
+        }
+        store<V>(out + i, load<V>(out + i, W) + a0, W);
+        store<V>(out + i + W, load<V>(out + i + W, W) + a1, W);
+        store<V>(out + i + 2 * W, load<V>(out + i + 2 * W, W) + a2, W);
+        store<V>(out + i + 3 * W, load<V>(out + i + 3 * W, W) + a3, W);
+    }
+    for (; i < span; i += W) {
+        const int n = static_cast<int>(std::min<int64_t>(W, span - i));
+        V a{};
+        for (const T* p : rows) a += load<V>(p + i, n);
+        store<V>(out + i, load<V>(out + i, n) + a, n);
+    }
+}
+
+// Stencil sums (the tier sums): for each tier t, out_t[c] += sum over its offsets o of
+// in_t[c + pad + o], C channels per cell, out [B, X, Y, Z, C] and in padded by (px, py, pz). An
+// offset moves a z-row of Z cells by one constant distance in memory, so a z-row of the output
+// is a sum of K contiguous spans of Z * C elements (add_spans). Items are z-rows (batch, x, y).
 template <typename T>
 void stencil_sums(const T* const* ins, T* const* outs, const int32_t* counts, const int32_t* offsets, int tiers,
                   const int32_t* shape, int threads) {
-    using V = typename Lanes<T>::V;
-    constexpr int W = Lanes<T>::W;
     const int B = shape[0], X = shape[1], Y = shape[2], Z = shape[3], px = shape[4], py = shape[5], pz = shape[6],
               C = shape[7];
     const int Yp = Y + 2 * py, Zp = Z + 2 * pz;
@@ -321,34 +344,13 @@ void stencil_sums(const T* const* ins, T* const* outs, const int32_t* counts, co
     parallel_items(static_cast<int64_t>(B) * X * Y, threads, [&](int64_t item) {
         const int b = static_cast<int>(item / (static_cast<int64_t>(X) * Y));
         const int x = static_cast<int>(item / Y % X), y = static_cast<int>(item % Y);
-        {
-            const int64_t centre = (((static_cast<int64_t>(b) * (X + 2 * px) + x + px) * Yp + y + py) * Zp + pz) * C;
-            const int64_t row = ((static_cast<int64_t>(b) * X + x) * Y + y) * span;
-            for (int t = 0, k0 = 0; t < tiers; k0 += counts[t], ++t) {
-                T* out = outs[t] + row;
-                const T* in = ins[t] + centre;
-                int64_t i = 0;
-                for (; i + 4 * W <= span; i += 4 * W) {
-                    V a0{}, a1{}, a2{}, a3{};
-                    for (int k = k0; k < k0 + counts[t]; ++k) {
-                        const T* p = in + delta[k] + i;
-                        a0 += load<V>(p, W);
-                        a1 += load<V>(p + W, W);
-                        a2 += load<V>(p + 2 * W, W);
-                        a3 += load<V>(p + 3 * W, W);
-                    }
-                    store<V>(out + i, load<V>(out + i, W) + a0, W);
-                    store<V>(out + i + W, load<V>(out + i + W, W) + a1, W);
-                    store<V>(out + i + 2 * W, load<V>(out + i + 2 * W, W) + a2, W);
-                    store<V>(out + i + 3 * W, load<V>(out + i + 3 * W, W) + a3, W);
-                }
-                for (; i < span; i += W) {
-                    const int n = static_cast<int>(std::min<int64_t>(W, span - i));
-                    V a{};
-                    for (int k = k0; k < k0 + counts[t]; ++k) a += load<V>(in + delta[k] + i, n);
-                    store<V>(out + i, load<V>(out + i, n) + a, n);
-                }
-            }
+        const int64_t centre = (((static_cast<int64_t>(b) * (X + 2 * px) + x + px) * Yp + y + py) * Zp + pz) * C;
+        const int64_t row = ((static_cast<int64_t>(b) * X + x) * Y + y) * span;
+        std::vector<const T*> rows;
+        for (int t = 0, k0 = 0; t < tiers; k0 += counts[t], ++t) {
+            rows.clear();
+            for (int k = k0; k < k0 + counts[t]; ++k) rows.push_back(ins[t] + centre + delta[k]);
+            add_spans(outs[t] + row, rows, span);
         }
     });
 }
@@ -357,14 +359,12 @@ void stencil_sums(const T* const* ins, T* const* outs, const int32_t* counts, co
 // over the sources inside the B x X x Y x Z block (in is padded, the g_t are not). Items are
 // (batch, padded x-plane) pairs, each writing its own plane only; for a padded z-row, the offsets
 // of one dz whose source row (x - px - dx, y - py - dy) lies inside the block all land on the same
-// span of Z * C elements, starting at (pz + dz) * C: they are summed in registers (blocks of 4
-// vectors, as above) and added once. Nothing is read outside the block, so no padded copy of the
+// span of Z * C elements, starting at (pz + dz) * C: they are summed in registers (add_spans)
+// and added once. Nothing is read outside the block, so no padded copy of the
 // g_t is made, and work is the forward's, not that of the padded volume.
 template <typename T>
 void stencil_adjoint(const T* const* grads, T* d_in, const int32_t* counts, const int32_t* offsets, int tiers,
                      const int32_t* shape, int threads) {
-    using V = typename Lanes<T>::V;
-    constexpr int W = Lanes<T>::W;
     const int B = shape[0], X = shape[1], Y = shape[2], Z = shape[3], px = shape[4], py = shape[5], pz = shape[6],
               C = shape[7];
     const int Xp = X + 2 * px, Yp = Y + 2 * py, Zp = Z + 2 * pz;
@@ -387,27 +387,7 @@ void stencil_adjoint(const T* const* grads, T* d_in, const int32_t* counts, cons
                         rows.push_back(grads[s.tier] + ((static_cast<int64_t>(b) * X + x) * Y + y) * span);
                 }
                 if (rows.empty()) continue;
-                T* out = out_row + static_cast<int64_t>(g) * C;    // dz = g - pz lands at z = pz + dz
-                int64_t i = 0;
-                for (; i + 4 * W <= span; i += 4 * W) {
-                    V a0{}, a1{}, a2{}, a3{};
-                    for (const T* p : rows) {
-                        a0 += load<V>(p + i, W);
-                        a1 += load<V>(p + i + W, W);
-                        a2 += load<V>(p + i + 2 * W, W);
-                        a3 += load<V>(p + i + 3 * W, W);
-                    }
-                    store<V>(out + i, load<V>(out + i, W) + a0, W);
-                    store<V>(out + i + W, load<V>(out + i + W, W) + a1, W);
-                    store<V>(out + i + 2 * W, load<V>(out + i + 2 * W, W) + a2, W);
-                    store<V>(out + i + 3 * W, load<V>(out + i + 3 * W, W) + a3, W);
-                }
-                for (; i < span; i += W) {
-                    const int n = static_cast<int>(std::min<int64_t>(W, span - i));
-                    V a{};
-                    for (const T* p : rows) a += load<V>(p + i, n);
-                    store<V>(out + i, load<V>(out + i, n) + a, n);
-                }
+                add_spans(out_row + static_cast<int64_t>(g) * C, rows, span);   // dz = g - pz lands at pz + dz
             }
         }
     });
