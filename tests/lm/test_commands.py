@@ -93,6 +93,25 @@ def test_a_checkpoint_encodes_generates_and_decodes_in_plain_transformers(tmp_pa
     assert tokenizer.decode(new, skip_special_tokens=True) == ByteTokenizer().decode(new)
 
 
+def test_a_bpe_run_trains_evaluates_samples_and_travels(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert train(corpus, out, "data.tokenizer=bpe", "data.bpe_vocab_size=300", steps=2) == 0
+    step = out / "step-00000002"
+    saved = json.loads((step / "run_config.json").read_text())["model"]
+    assert saved["model"]["vocab_size"] == 300 and saved["model"]["eod_id"] == 0   # set by the tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(step)
+    assert len(tokenizer) == 300 and tokenizer.eos_token_id == 0
+    figures = tmp_path / "eval.json"
+    capsys.readouterr()
+    assert main(["lm", "eval", str(out), "--no-compressors", "--json", str(figures)]) == 0
+    result = json.loads(figures.read_text())
+    held = (corpus / "model.py").read_bytes()
+    assert result["tokens"] == len(tokenizer(held.decode())["input_ids"])   # BPE tokens, + <eod> - the first
+    assert 0 < result["bits_per_byte"] < 12
+    assert main(["lm", "sample", str(step), "--prompt", "def ", "--max-new-tokens", "5", "--greedy"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("def ")
+
+
 def test_time_budget_stops_with_a_checkpoint_and_resume_finishes(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     assert train(corpus, out, "--max-minutes", "0", steps=6) == 0

@@ -126,3 +126,49 @@ def test_bad_folders_and_lengths(tmp_path):
         pack([b"abc"], 0)
     with one_line_error("max_bytes"):
         load_lm_data(tmp_path, max_bytes=0)
+
+
+def bpe_corpus(folder: Path) -> Path:
+    """Four training files of real source and one held-out file of a word the training files never
+    hold (and a byte that is not UTF-8): a BPE that saw the held-out file would merge the word."""
+    lm_sources = Path(__file__).parents[2] / "src" / "neurolattice" / "lm"
+    folder.mkdir()
+    for name in ("config.py", "data.py", "model.py", "task.py"):
+        (folder / name).write_bytes((lm_sources / name).read_bytes())
+    (folder / "zz_heldout.txt").write_bytes(b"zyzzyvaqux " * 400 + b"caf\xe9 \xc3\xa9 end\n")
+    return folder
+
+
+def test_bpe_is_trained_on_the_training_files_only_and_round_trips_every_byte(tmp_path):
+    folder = bpe_corpus(tmp_path / "text")
+    # seed 7: the split that holds out zz_heldout.txt
+    data = load_lm_data(folder, seq_len=16, heldout_fraction=0.2, seed=7, tokenizer="bpe", bpe_vocab_size=600)
+    held = (folder / "zz_heldout.txt").read_bytes()
+    assert data.heldout_files == [str(folder / "zz_heldout.txt")]   # the split this test is about
+    tok = data.tokenizer
+    assert tok.vocab_size == 600 and tok.eod_id == 0
+    vocab = tok.tokenizer.get_vocab()
+    assert not any("zyzz" in token or "qux" in token for token in vocab)   # never saw the held-out word
+    assert any(len(token) >= 4 for token in vocab)                          # but did learn merges
+    # every held-out byte comes back, and bits per byte count each of them once
+    ids = tok.encode(held)
+    assert tok.decode_bytes(ids.tolist()) == held and len(ids) < len(held)
+    labels = data.heldout.rows[:, 1:]
+    first = len(tok.decode_bytes(ids[:1].tolist()))   # the stream's first token is no label
+    assert int(tok.byte_lengths()[labels[labels != IGNORE]].sum()) == len(held) - first
+    for path in data.train_files:
+        text = Path(path).read_bytes()
+        assert tok.decode_bytes(tok.encode(text).tolist()) == text
+    # the same ids as the transformers tokenizer saved with the checkpoints, on text; "<eod>" written
+    # in a document is its five bytes there too, never the end-of-document id
+    hf = tok.to_transformers()
+    text = "def f(x):\n    return x  # café, 日本語 🎉 <eod>"
+    assert tok.eod_id not in tok.encode(text).tolist()
+    assert hf(text)["input_ids"] == tok.encode(text).tolist() and hf.decode(hf(text)["input_ids"]) == text
+    # the same documents give the same tokenizer (every rank of a launch trains its own)
+    again = load_lm_data(folder, seq_len=16, heldout_fraction=0.2, seed=7, tokenizer="bpe", bpe_vocab_size=600)
+    assert again.tokenizer.tokenizer.to_str() == tok.tokenizer.to_str()
+    with one_line_error("bpe_vocab_size must be at least 257"):
+        load_lm_data(folder, seq_len=16, heldout_fraction=0.2, tokenizer="bpe", bpe_vocab_size=100)
+    with one_line_error("cannot read the BPE tokenizer"):
+        load_lm_data(folder, seq_len=16, heldout_fraction=0.2, tokenizer="bpe", tokenizer_file=tmp_path / "none.json")

@@ -5,7 +5,9 @@ a plain single process::
     python -m torch.distributed.run --nproc_per_node 2 tests/train/ddp_worker.py '<jobs as JSON>'
 
 Each job is ``{"out": dir, "until": step or null, "resume": bool, "dropout": p, "lm": bool,
-"kill_after": k}``: a fresh model (``lm``: the LM system's Llama, shrunk) and :class:`Trainer`
+"bpe": bool, "kill_after": k}``: a fresh model (``lm``: the LM system's Llama, shrunk; ``bpe``: the
+same on the LM system's own source files, tokenized by a BPE every rank trains for itself) and
+:class:`Trainer`
 (checkpoints and ``metrics.jsonl`` in ``out``), resumed from ``out`` if asked, fitted to
 ``until`` (``fit`` saves when it stops). With ``kill_after`` it checkpoints every step and
 every rank SIGKILLs itself in step ``k + 1``, after the optimizer update and before the save.
@@ -78,22 +80,41 @@ class LMTokens(Tokens):
         return F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(), reduction="sum")
 
 
+class BPETokens(LMTokens):
+    """The LM system's sources (``src/neurolattice/lm``) tokenized by a BPE of :data:`BPE_VOCAB`
+    ids trained on them, the first :data:`SAMPLES` packed rows of ``SEQ`` tokens."""
+
+    def __init__(self) -> None:
+        from neurolattice.lm import load_lm_data
+
+        folder = Path(__file__).resolve().parents[2] / "src" / "neurolattice" / "lm"
+        data = load_lm_data(folder, seq_len=SEQ, heldout_fraction=0.2, tokenizer="bpe", bpe_vocab_size=BPE_VOCAB)
+        self.train_data = TensorDataset(*data.train[torch.arange(SAMPLES)])
+
+
+BPE_VOCAB = 300
+
+
 def model(dropout: float = 0.0) -> TinyLM:
     torch.manual_seed(1)
     return TinyLM(dropout).double()
 
 
-def lm_model() -> nn.Module:
-    """The LM system's model (``neurolattice.lm``), shrunk to one small layer."""
+def lm_model(**vocab) -> nn.Module:
+    """The LM system's model (``neurolattice.lm``), shrunk to one small layer; ``vocab``:
+    ``vocab_size`` and ``eod_id`` for another tokenizer than the bytes."""
     from neurolattice.lm import LMConfig, build_model
 
     torch.manual_seed(1)
-    return build_model(LMConfig.preset("tiny", d_model=16, n_layers=1, n_heads=2, ffn_size=32, seq_len=SEQ)).double()
+    return build_model(LMConfig.preset("tiny", d_model=16, n_layers=1, n_heads=2, ffn_size=32, seq_len=SEQ,
+                                       **vocab)).double()
 
 
 def run(job: dict) -> None:
     out = Path(job["out"])
-    if job.get("lm"):
+    if job.get("bpe"):
+        trainer = Trainer(lm_model(vocab_size=BPE_VOCAB, eod_id=0), BPETokens(), CONFIG, out_dir=out)
+    elif job.get("lm"):
         trainer = Trainer(lm_model(), LMTokens(), CONFIG, out_dir=out)
     else:
         trainer = Trainer(model(job.get("dropout", 0.0)), Tokens(), CONFIG, out_dir=out)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from neurolattice.train import distributed
 
-from .ddp_worker import CONFIG, SEQ, lm_model, main, model
+from .ddp_worker import BPE_VOCAB, CONFIG, SEQ, lm_model, main, model
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TIMEOUT_S = 120
@@ -75,15 +75,16 @@ def runs(tmp_path_factory) -> Path:
 
     launch(2, [job("2x2"), job("2x2-stop", until=1),
                job("2x2-dropout", dropout=0.3), job("2x2-dropout-stop", until=1, dropout=0.3),
-               job("lm-2x2", lm=True)])
+               job("lm-2x2", lm=True), job("bpe-2x2", bpe=True)])
     for name in ("1x4-resume", "2x2-resume", "4x1-resume"):
         shutil.copytree(root / "2x2-stop", root / name)
     shutil.copytree(root / "2x2-dropout-stop", root / "2x2-dropout-resume")
-    launch(4, [job("4x1"), job("4x1-resume", resume=True), job("lm-4x1", lm=True)])
+    launch(4, [job("4x1"), job("4x1-resume", resume=True), job("lm-4x1", lm=True), job("bpe-4x1", bpe=True)])
     launch(2, [job("2x2-resume", resume=True), job("2x2-dropout-resume", resume=True, dropout=0.3)])
     launch(2, [job("2x2-killed", kill_after=1)], killed=True)
     launch(2, [job("2x2-killed", resume=True)])
-    main([job("1x4"), job("1x4-resume", resume=True), job("lm-1x4", lm=True)])  # here: no process group
+    main([job("1x4"), job("1x4-resume", resume=True), job("lm-1x4", lm=True),
+          job("bpe-1x4", bpe=True)])  # here: no process group
     return root
 
 
@@ -108,6 +109,8 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # step, hence float64 here), and each step adds its own. Over the run's steps:
 TERMS = CONFIG.batch_size * SEQ + 257 + 2 * 32
 SPLIT_BOUND = CONFIG.steps * CONFIG.lr * TERMS * torch.finfo(torch.float64).eps / 1e-8
+# the BPE model's softmax runs over BPE_VOCAB ids instead of 257: that many more terms
+BPE_BOUND = CONFIG.steps * CONFIG.lr * (BPE_VOCAB - 257) * torch.finfo(torch.float64).eps / 1e-8
 
 
 def test_ranks_times_micro_batches_do_not_change_the_result(runs):
@@ -126,6 +129,16 @@ def test_the_lm_gives_the_same_parameters_on_any_split(runs):
     assert max_diff(one, lm_model().state_dict()) > 1e-3  # the steps moved the parameters
     for name in ("lm-2x2", "lm-4x1"):
         assert max_diff(params(runs, name), one) <= SPLIT_BOUND, name
+
+
+def test_the_lm_on_bpe_tokens_gives_the_same_parameters_on_any_split(runs):
+    """The same on real text tokenized by a BPE that every rank trained for itself (any rank
+    whose tokenizer differed would hold other batches, and the parameters would part)."""
+    one = params(runs, "bpe-1x4")
+    assert one["model.embed_tokens.weight"].shape[0] == BPE_VOCAB
+    assert max_diff(one, lm_model(vocab_size=BPE_VOCAB, eod_id=0).state_dict()) > 1e-3
+    for name in ("bpe-2x2", "bpe-4x1"):
+        assert max_diff(params(runs, name), one) <= SPLIT_BOUND + BPE_BOUND, name
 
 
 @pytest.mark.parametrize("name", ["2x2", "4x1", "2x2-resume", "4x1-resume"])

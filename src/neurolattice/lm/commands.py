@@ -73,7 +73,7 @@ class Eval(cmdline.OnRun):
     @classmethod
     def load(cls, args: argparse.Namespace) -> tuple[LMRun, LMTask]:
         run = load_run(args.ckpt)
-        task = LMTask(run.data.load(), run.lm)
+        task = LMTask(run.load_data(), run.lm)
         if len(task.data.heldout) == 0:
             raise ValueError(f"{args.ckpt} holds out no text (data.heldout_fraction = {run.data.heldout_fraction})")
         return run, task
@@ -116,5 +116,5 @@ class Sample(cmdline.OnRun):
     def run(args: argparse.Namespace, run: LMRun) -> int:
         model = run.model.to(device.setup(args))
         print(continue_prompt(model, run.lm.eod_id, args.prompt, args.max_new_tokens, args.temperature,
-                              args.greedy, args.seed))
+                              args.greedy, args.seed, run.tokenizer()))
         return 0

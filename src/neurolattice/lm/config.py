@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from neurolattice.config import Bound, Config
@@ -82,9 +83,19 @@ class DataConfig(Config):
     heldout_fraction: float = field(default=0.1, metadata={"help": "fraction of the files held out"})
     seed: int = field(default=0, metadata={"help": "seed of the split by file"})
     max_bytes: int | None = field(default=None, metadata={"help": "cap on the text read (default: all of it)"})
+    tokenizer: str = field(default="byte", metadata={
+        "help": "byte (256 bytes + end-of-doc) or bpe (a byte-level BPE trained on the training files)",
+        "bound": Bound(choices=("byte", "bpe")), "old_runs_lack": True})
+    bpe_vocab_size: int = field(default=2048, metadata={
+        "help": "ids of the BPE tokenizer, <eod> and the 256 bytes included (sets model.vocab_size unless given)",
+        "bound": Bound(int, ge=257), "old_runs_lack": True})
 
-    def load(self) -> LMData:
-        return load_lm_data(self.folder, self.seq_len, self.heldout_fraction, self.seed, self.max_bytes)
+    def load(self, tokenizer_file: str | Path | None = None) -> LMData:
+        """The corpus packed with this config's tokenizer: for ``bpe``, the one in
+        ``tokenizer_file`` (a checkpoint's ``tokenizer.json``), else one trained here on the
+        training files."""
+        return load_lm_data(self.folder, self.seq_len, self.heldout_fraction, self.seed, self.max_bytes,
+                            self.tokenizer, self.bpe_vocab_size, tokenizer_file)
 
     def corpus(self) -> Corpus:
         """The same split and cap as :meth:`load`, the documents unpacked."""

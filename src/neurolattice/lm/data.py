@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sysconfig
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -46,18 +47,108 @@ class ByteTokenizer:
         alphabet's character for it) and ``<eod>`` = 256, the end-of-document token, as
         ``eos_token`` (and ``bos_token``: the LM reads a document as following one)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
 
         vocab = {char: byte for byte, char in enumerate(byte_level_alphabet())}
         vocab[EOD_TOKEN] = self.eod_id
         tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tokenizer.decoder = decoders.ByteLevel()
-        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOD_TOKEN, bos_token=EOD_TOKEN,
-                                       pad_token=EOD_TOKEN, clean_up_tokenization_spaces=False)
+        return transformers_tokenizer(tokenizer)
 
 
 EOD_TOKEN = "<eod>"
+
+
+def transformers_tokenizer(tokenizer):
+    """A ``tokenizers.Tokenizer`` of ours as a ``transformers.PreTrainedTokenizerFast``: ``<eod>``
+    is its eos, bos and pad token, and the text "<eod>" is five bytes, as in training data
+    (``split_special_tokens``, which ``save_pretrained`` keeps)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOD_TOKEN, bos_token=EOD_TOKEN,
+                                   pad_token=EOD_TOKEN, split_special_tokens=True,
+                                   clean_up_tokenization_spaces=False)
+
+
+class BPETokenizer:
+    """A byte-level BPE (``tokenizers``) trained on the training documents only: GPT-2's
+    pre-tokenization (words, numbers, punctuation and spaces split apart), merges learned until
+    ``vocab_size`` ids, ``<eod>`` = id 0, then the 256 bytes, then the merges. Bytes that are not
+    UTF-8 (which ``tokenizers`` cannot take as text) are encoded as their single-byte tokens, so
+    every byte sequence round-trips exactly; bits per byte count each token's bytes
+    (:meth:`byte_lengths`).
+
+    The same ids as a ``transformers`` tokenizer: :meth:`to_transformers`, saved with every
+    checkpoint (an LM run is evaluated and sampled with the tokenizer its checkpoint holds).
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        tokenizer.encode_special_tokens = True      # the text "<eod>" in a document is bytes too
+        self.eod_id = tokenizer.token_to_id(EOD_TOKEN)
+        self.vocab_size = tokenizer.get_vocab_size()
+        alphabet = byte_level_alphabet()
+        self._byte_of = {char: byte for byte, char in enumerate(alphabet)}
+        self._byte_ids = [tokenizer.token_to_id(char) for char in alphabet]
+        if self.eod_id is None or None in self._byte_ids:
+            raise ValueError("not a byte-level BPE of neurolattice: it lacks <eod> or a byte's token")
+
+    @classmethod
+    def train(cls, docs: Iterable[bytes], vocab_size: int) -> BPETokenizer:
+        """Learn merges from ``docs`` (deterministic: the same documents give the same tokenizer)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 257:
+            raise ValueError(f"bpe_vocab_size must be at least 257 (256 bytes + <eod>), got {vocab_size}")
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN], show_progress=False,
+                                      initial_alphabet=byte_level_alphabet())
+        tokenizer.train_from_iterator((doc.decode("utf-8", errors="ignore") for doc in docs), trainer=trainer)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BPETokenizer:
+        """The tokenizer a checkpoint holds (``tokenizer.json``), one line if it cannot be read."""
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as err:   # a missing file, bad JSON, another kind of tokenizer
+            raise ValueError(f"cannot read the BPE tokenizer {path}: {str(err).splitlines()[0]}") from None
+
+    def encode(self, text: str | bytes) -> torch.Tensor:
+        """``text`` (a str is UTF-8 encoded) as ids ``[n]`` (int64), without end-of-document."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        ids: list[int] = []
+        # stretches of valid UTF-8 go through the BPE; each other byte is its own token
+        for piece in re.split("([\udc80-\udcff])", data.decode("utf-8", errors="surrogateescape")):
+            if len(piece) == 1 and "\udc80" <= piece <= "\udcff":
+                ids.append(self._byte_ids[ord(piece) - 0xDC00])
+            elif piece:
+                ids.extend(self.tokenizer.encode(piece, add_special_tokens=False).ids)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """The text of ``ids`` (any shape); ``<eod>`` and ids outside the vocabulary (-100) are
+        skipped and invalid UTF-8 becomes U+FFFD."""
+        ids = torch.as_tensor(ids).flatten().tolist()
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        tokens = (self.tokenizer.id_to_token(i) for i in ids if 0 <= i < self.vocab_size and i != self.eod_id)
+        return bytes(self._byte_of[char] for token in tokens for char in token)
+
+    def byte_lengths(self) -> torch.Tensor:
+        """Bytes of text each id stands for, ``[vocab_size]`` (0 for ``<eod>``)."""
+        return torch.tensor([0 if i == self.eod_id else len(self.tokenizer.id_to_token(i))
+                             for i in range(self.vocab_size)])
+
+    def to_transformers(self):
+        """This tokenizer as a ``transformers.PreTrainedTokenizerFast`` (``<eod>`` as its eos, bos
+        and pad token)."""
+        return transformers_tokenizer(self.tokenizer)
 
 
 def byte_level_alphabet() -> list[str]:
@@ -157,7 +248,7 @@ def read_document(path: str | Path) -> bytes:
         raise ValueError(f"cannot read text file {path}: {err}") from None
 
 
-def pack(docs: Iterable[str | bytes], seq_len: int, tokenizer: ByteTokenizer | None = None,
+def pack(docs: Iterable[str | bytes], seq_len: int, tokenizer: ByteTokenizer | BPETokenizer | None = None,
          pad: bool = False) -> torch.Tensor:
     """Documents, each followed by end-of-document, packed into rows ``[n, seq_len + 1]``.
 
@@ -207,7 +298,7 @@ class LMData:
     heldout: PackedDataset
     train_files: list[str]
     heldout_files: list[str]
-    tokenizer: ByteTokenizer
+    tokenizer: ByteTokenizer | BPETokenizer
 
     @property
     def seq_len(self) -> int:
@@ -240,14 +331,23 @@ def read_corpus(folder: str | Path | None = None, heldout_fraction: float = 0.1,
 
 
 def load_lm_data(folder: str | Path | None = None, seq_len: int = 256, heldout_fraction: float = 0.1,
-                 seed: int = 0, max_bytes: int | None = None) -> LMData:
-    """:func:`read_corpus`, packed. Training rows drop the short last window; held-out rows are
-    padded so every held-out byte is scored."""
+                 seed: int = 0, max_bytes: int | None = None, tokenizer: str = "byte", bpe_vocab_size: int = 2048,
+                 tokenizer_file: str | Path | None = None) -> LMData:
+    """:func:`read_corpus`, tokenized and packed. ``tokenizer``: ``byte`` (:class:`ByteTokenizer`)
+    or ``bpe`` (:class:`BPETokenizer`, read from ``tokenizer_file``, else trained on the training
+    documents only: the held-out ones never reach it). Training rows drop the short last window;
+    held-out rows are padded so every held-out byte is scored."""
     corpus = read_corpus(folder, heldout_fraction, seed, max_bytes)
-    tokenizer = ByteTokenizer()
-    train = pack(corpus.train_docs, seq_len, tokenizer)
+    if tokenizer == "byte":
+        tokens = ByteTokenizer()
+    elif tokenizer == "bpe":
+        tokens = (BPETokenizer.from_file(tokenizer_file) if tokenizer_file is not None
+                  else BPETokenizer.train(corpus.train_docs, bpe_vocab_size))
+    else:
+        raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
+    train = pack(corpus.train_docs, seq_len, tokens)
     if len(train) == 0:
         raise ValueError(f"the training text is shorter than one sequence of seq_len + 1 = {seq_len + 1} tokens")
-    heldout = pack(corpus.heldout_docs, seq_len, tokenizer, pad=True)
+    heldout = pack(corpus.heldout_docs, seq_len, tokens, pad=True)
     return LMData(PackedDataset(train), PackedDataset(heldout), [str(f) for f in corpus.train_files],
-                  [str(f) for f in corpus.heldout_files], tokenizer)
+                  [str(f) for f in corpus.heldout_files], tokens)

@@ -17,6 +17,7 @@ from neurolattice.config import layered_config
 from neurolattice.train import SavedRun, TrainConfig, load_checkpoint, read_run_config
 
 from .config import DataConfig, LMConfig
+from .data import BPETokenizer, ByteTokenizer, LMData
 from .model import build_model
 from .task import LMTask
 
@@ -53,10 +54,14 @@ def build_configs(preset: str, data_dir: str | None = None, config_file: str | N
     sets ``data.folder``. Unknown keys and a ``data.seq_len`` above ``model.seq_len`` are
     one-line ``ValueError``s."""
     layers, _ = layered_config(SECTIONS, DEFAULTS, config_file, overrides)
-    lm = LMConfig.preset(preset, **layers["model"])
     if data_dir is not None:
         layers["data"]["folder"] = data_dir
     data = DataConfig.from_dict(layers["data"])
+    model = dict(layers["model"])
+    if data.tokenizer == "bpe":   # the BPE's ids, <eod> first, unless the model's keys say otherwise
+        model.setdefault("vocab_size", data.bpe_vocab_size)
+        model.setdefault("eod_id", 0)
+    lm = LMConfig.preset(preset, **model)
     if data.folder is not None:
         data.folder = str(Path(data.folder).resolve())
     data.seq_len = data.seq_len or lm.seq_len
@@ -77,6 +82,17 @@ class LMRun(SavedRun):
 
     lm: LMConfig
     data: DataConfig
+
+    def tokenizer(self) -> ByteTokenizer | BPETokenizer:
+        """The tokenizer the model was trained with (a BPE from the checkpoint's ``tokenizer.json``)."""
+        return BPETokenizer.from_file(self.tokenizer_file()) if self.data.tokenizer == "bpe" else ByteTokenizer()
+
+    def load_data(self) -> LMData:
+        """The run's corpus, split, tokenized (with the checkpoint's tokenizer) and packed."""
+        return self.data.load(self.tokenizer_file() if self.data.tokenizer == "bpe" else None)
+
+    def tokenizer_file(self) -> Path:
+        return self.checkpoint / "tokenizer.json"
 
 
 def load_run(path: str | Path) -> LMRun:

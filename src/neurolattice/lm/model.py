@@ -62,11 +62,12 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> int:
 
 
 def continue_prompt(model: nn.Module, eod: int, prompt: str, max_new_tokens: int, temperature: float = 0.8,
-                    greedy: bool = False, seed: int = 0) -> str:
-    """``prompt`` and its continuation by ``model.generate`` (byte tokens after an end-of-document
-    ``eod``, KV cache): at most ``max_new_tokens`` bytes, the most likely byte each step
-    (``greedy``) or one sampled at ``temperature`` from the RNG seeded with ``seed``."""
-    tokenizer = ByteTokenizer()
+                    greedy: bool = False, seed: int = 0, tokenizer=None) -> str:
+    """``prompt`` and its continuation by ``model.generate`` (``tokenizer``'s tokens, bytes by
+    default, after an end-of-document ``eod``, KV cache): at most ``max_new_tokens`` tokens, the
+    most likely each step (``greedy``) or one sampled at ``temperature`` from the RNG seeded with
+    ``seed``."""
+    tokenizer = tokenizer or ByteTokenizer()
     ids = torch.cat([torch.tensor([eod]), tokenizer.encode(prompt)])[None]  # (1, T)
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0}
     torch.manual_seed(seed)

@@ -58,6 +58,9 @@ class LMTask(NextTokenTask):
         if data.tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {data.tokenizer.vocab_size} ids but the model's "
                              f"vocab_size is {cfg.vocab_size}")
+        if data.tokenizer.eod_id != cfg.eod_id:
+            raise ValueError(f"the tokenizer's end-of-document id is {data.tokenizer.eod_id} but the model's "
+                             f"eod_id is {cfg.eod_id}")
         self.data, self.eval_batch_size = data, eval_batch_size
         self.train_data = data.train
         self.tokenizer = data.tokenizer.to_transformers()   # saved with every checkpoint
