@@ -24,7 +24,7 @@ import pytest
 TRIALS = int(os.environ.get("KILL_TRIALS", "20"))
 SOURCES = Path(__file__).parents[1] / "src" / "neurolattice"
 TINY_LM = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_size=64", "model.seq_len=64",
-           "data.seq_len=32", "train.batch_size=4", "train.warmup_steps=1"]
+           "data.seq_len=32", "data.tokenizer=byte", "train.batch_size=4", "train.warmup_steps=1"]
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from ..errors import cli_error as error
 
 LM_SOURCES = Path(__file__).parents[2] / "src" / "neurolattice" / "lm"
 TINY_LM = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_size=64", "model.seq_len=64",
-           "data.seq_len=32", "train.batch_size=4", "train.warmup_steps=1", "train.steps=1"]
+           "data.seq_len=32", "data.tokenizer=byte", "train.batch_size=4", "train.warmup_steps=1", "train.steps=1"]
 SMALL_DATA = ["data.seq_len=32", "data.train_bytes=6000", "data.heldout_bytes=1500"]
 
 
@@ -95,6 +95,12 @@ def test_bad_config_is_one_line(tmp_path, bases, capsys):
     assert "unknown BEMConfig key(s) ['ranks']" in error(capsys, argv + ["bem.ranks=2"])
     assert "no checkpoint at" in error(capsys, ["bem", "train", "--base", str(tmp_path / "nope"), "--out", "x"])
     assert "not a BEM checkpoint" in error(capsys, ["bem", "eval", str(base)])
+    bpe = tmp_path / "bpe"   # an LM on BPE tokens cannot be a base: the domains are packed as bytes
+    assert main(["lm", "train", "--data", str(base.parent / "text-base"), "--out", str(bpe), *TINY_LM,
+                 "data.tokenizer=bpe", "data.bpe_vocab_size=300"]) == 0
+    capsys.readouterr()
+    assert "base must be trained with data.tokenizer=byte" in error(capsys, ["bem", "train", "--base", str(bpe),
+                                                                             "--out", str(tmp_path / "y")])
 
 
 def test_experiment_rows_and_parameter_counts(tmp_path, bases):

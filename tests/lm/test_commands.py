@@ -24,7 +24,7 @@ from ..errors import cli_error as error
 
 LM_SOURCES = Path(__file__).parents[2] / "src" / "neurolattice" / "lm"
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_size=64", "data.seq_len=32",
-        "train.batch_size=4", "train.warmup_steps=1", "train.log_every=2"]
+        "data.tokenizer=byte", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=2"]
 
 
 @pytest.fixture

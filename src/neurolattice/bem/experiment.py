@@ -46,6 +46,9 @@ class Base:
     @classmethod
     def load(cls, path: str | Path) -> Base:
         run = load_lm_run(path)
+        if run.data.tokenizer != "byte":
+            raise ValueError(f"{path} is an LM on {run.data.tokenizer} tokens: BEM's domains are packed as bytes, "
+                             "so its base must be trained with data.tokenizer=byte")
         return cls(str(run.checkpoint.resolve()), base_fingerprint(run.model), run.model, run.lm.seq_len,
                    run.lm.eod_id, run.data.heldout_fraction, run.data.seed)
 

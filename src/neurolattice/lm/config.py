@@ -83,7 +83,7 @@ class DataConfig(Config):
     heldout_fraction: float = field(default=0.1, metadata={"help": "fraction of the files held out"})
     seed: int = field(default=0, metadata={"help": "seed of the split by file"})
     max_bytes: int | None = field(default=None, metadata={"help": "cap on the text read (default: all of it)"})
-    tokenizer: str = field(default="byte", metadata={
+    tokenizer: str = field(default="bpe", metadata={
         "help": "byte (256 bytes + end-of-doc) or bpe (a byte-level BPE trained on the training files)",
         "bound": Bound(choices=("byte", "bpe")), "old_runs_lack": True})
     bpe_vocab_size: int = field(default=2048, metadata={
