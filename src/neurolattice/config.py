@@ -94,8 +94,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], saved: bool = False) -> Self:
-        """The config of ``data``, its keys checked first (:meth:`check_keys`)."""
+        """The config of ``data``, its keys checked first (:meth:`check_keys`). A ``saved`` one
+        that lacks a field whose metadata says ``"old_runs_had": VALUE`` gets VALUE (what runs
+        saved before the field existed did, where today's default differs)."""
         cls.check_keys(data, saved)
+        if saved:
+            data = {**{f.name: f.metadata["old_runs_had"] for f in dataclasses.fields(cls)
+                       if f.name not in data and "old_runs_had" in f.metadata}, **data}
         return cls(**data)
 
     @classmethod
@@ -112,8 +117,8 @@ class Config:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
         if saved:
-            missing = sorted(f.name for f in dataclasses.fields(cls)
-                             if f.name not in data and not f.metadata.get("old_runs_lack"))
+            missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in data
+                             and not f.metadata.get("old_runs_lack") and "old_runs_had" not in f.metadata)
             if missing:
                 raise ValueError(f"the saved {cls.__name__} lacks key(s) {missing}")
 

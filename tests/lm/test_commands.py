@@ -153,3 +153,17 @@ def test_two_rank_torchrun_stops_together_and_resumes_on_one(tmp_path, corpus):
     assert proc.stdout.count("stopped at step 2 of 6") == 1  # rank 0 alone prints
     assert train(corpus, out, "--resume", steps=6) == 0
     assert (out / "latest").read_text() == "step-00000006"
+
+
+def test_a_run_saved_before_the_tokenizer_key_reads_as_bytes(tmp_path, corpus):
+    # runs saved before data.tokenizer existed trained on bytes, though BPE is today's default
+    out = tmp_path / "run"
+    assert train(corpus, out, steps=1) == 0
+    config = out / "step-00000001" / "run_config.json"
+    saved = json.loads(config.read_text())
+    for key in ("tokenizer", "bpe_vocab_size"):
+        del saved["model"]["data"][key]
+    config.write_text(json.dumps(saved))
+    from neurolattice.lm.experiment import load_run
+
+    assert load_run(out).data.tokenizer == "byte"

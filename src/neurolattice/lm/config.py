@@ -85,7 +85,7 @@ class DataConfig(Config):
     max_bytes: int | None = field(default=None, metadata={"help": "cap on the text read (default: all of it)"})
     tokenizer: str = field(default="bpe", metadata={
         "help": "byte (256 bytes + end-of-doc) or bpe (a byte-level BPE trained on the training files)",
-        "bound": Bound(choices=("byte", "bpe")), "old_runs_lack": True})
+        "bound": Bound(choices=("byte", "bpe")), "old_runs_had": "byte"})
     bpe_vocab_size: int = field(default=2048, metadata={
         "help": "ids of the BPE tokenizer, <eod> and the 256 bytes included (sets model.vocab_size unless given)",
         "bound": Bound(int, ge=257), "old_runs_lack": True})
